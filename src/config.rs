@@ -1,0 +1,397 @@
+//! Command line and environment: every flag of the server, parsed by clap and validated into
+//! a plain [`Config`]. This is the only module that reads the process environment.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::Error;
+
+/// How the listener speaks to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TlsMode {
+    /// Certificates from an ACME CA (Let's Encrypt by default) via TLS-ALPN-01.
+    Acme,
+    /// A certificate made at start for the configured domains (local use and tests).
+    SelfSigned,
+    /// Own PEM files given with --cert and --key.
+    Files,
+    /// Plain HTTP and WebSocket, for running behind a TLS-terminating proxy.
+    Off,
+}
+
+/// Flags as the user writes them. Every flag also reads `MLES_<FLAG>`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "mles",
+    version,
+    about = "Mles v2 pub/sub relay over TLS WebSockets"
+)]
+pub struct Args {
+    /// Domain to serve (repeatable, or comma separated); ACME orders a certificate for each.
+    #[arg(
+        short = 'd',
+        long = "domains",
+        env = "MLES_DOMAINS",
+        value_delimiter = ','
+    )]
+    pub domains: Vec<String>,
+    /// Contact email for the ACME account (repeatable).
+    #[arg(short = 'e', long = "email", env = "MLES_EMAIL", value_delimiter = ',')]
+    pub email: Vec<String>,
+    /// Directory for the ACME account, certificates and persisted history.
+    #[arg(short = 'c', long = "cache", env = "MLES_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// Frames of history kept per channel and replayed to each new member.
+    #[arg(short = 'l', long = "limit", env = "MLES_LIMIT", default_value_t = 200)]
+    pub limit: usize,
+    /// Static files root; requests for host H are served from <wwwroot>/H/.
+    #[arg(
+        short = 'w',
+        long = "wwwroot",
+        env = "MLES_WWWROOT",
+        default_value = "static"
+    )]
+    pub wwwroot: PathBuf,
+    /// Use the Let's Encrypt staging directory.
+    #[arg(short = 's', long = "staging", env = "MLES_STAGING")]
+    pub staging: bool,
+    /// Port of the main listener.
+    #[arg(short = 'p', long = "port", env = "MLES_PORT", default_value_t = 443)]
+    pub port: u16,
+    /// Also listen on --redirect-port and redirect HTTP to HTTPS for the configured domains.
+    #[arg(short = 'r', long = "redirect", env = "MLES_REDIRECT")]
+    pub redirect: bool,
+    /// Port of the HTTP-to-HTTPS redirect listener.
+    #[arg(
+        long = "redirect-port",
+        env = "MLES_REDIRECT_PORT",
+        default_value_t = 80
+    )]
+    pub redirect_port: u16,
+    /// Address to bind; default all interfaces, IPv6 and IPv4.
+    #[arg(long = "bind", env = "MLES_BIND")]
+    pub bind: Option<IpAddr>,
+    /// TLS mode: acme (default with --domains), self-signed, files (default with --cert), off.
+    #[arg(long = "tls", env = "MLES_TLS", value_enum)]
+    pub tls: Option<TlsMode>,
+    /// PEM certificate chain (with --key).
+    #[arg(long = "cert", env = "MLES_CERT")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (with --cert).
+    #[arg(long = "key", env = "MLES_KEY_FILE")]
+    pub key: Option<PathBuf>,
+    /// ACME directory URL (overrides Let's Encrypt production and staging).
+    #[arg(long = "acme-directory", env = "MLES_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    /// PEM CA certificate to trust for the ACME directory (private or test CAs).
+    #[arg(long = "acme-ca", env = "MLES_ACME_CA")]
+    pub acme_ca: Option<PathBuf>,
+    /// Largest accepted WebSocket message in bytes; larger ones close the connection (1009).
+    #[arg(long = "max-message-size", env = "MLES_MAX_MESSAGE_SIZE", default_value_t = 2 * 1024 * 1024)]
+    pub max_message_size: usize,
+    /// Frames a member may fall behind its channel before it is disconnected as too slow.
+    #[arg(
+        long = "queue-frames",
+        env = "MLES_QUEUE_FRAMES",
+        default_value_t = 1024
+    )]
+    pub queue_frames: usize,
+    /// Bytes a channel buffers for history and for members catching up.
+    #[arg(long = "channel-bytes", env = "MLES_CHANNEL_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub channel_bytes: usize,
+    /// Seconds an idle channel (no members, no traffic) keeps its history.
+    #[arg(long = "history-expiry", env = "MLES_HISTORY_EXPIRY", default_value_t = 30 * 24 * 3600)]
+    pub history_expiry: u64,
+    /// Seconds a new WebSocket has to send its join frame.
+    #[arg(
+        long = "first-frame-timeout",
+        env = "MLES_FIRST_FRAME_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub first_frame_timeout: u64,
+    /// Seconds a TCP connection has to finish its TLS handshake and first HTTP request.
+    #[arg(
+        long = "handshake-timeout",
+        env = "MLES_HANDSHAKE_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub handshake_timeout: u64,
+    /// Seconds between pings to a quiet connection.
+    #[arg(
+        long = "ping-interval",
+        env = "MLES_PING_INTERVAL",
+        default_value_t = 20
+    )]
+    pub ping_interval: u64,
+    /// Pings in a row without any answer before the connection is dropped.
+    #[arg(long = "missed-pongs", env = "MLES_MISSED_PONGS", default_value_t = 3)]
+    pub missed_pongs: u32,
+    /// Seconds a write to a member may stall before it is disconnected as too slow.
+    #[arg(
+        long = "write-timeout",
+        env = "MLES_WRITE_TIMEOUT",
+        default_value_t = 30
+    )]
+    pub write_timeout: u64,
+    /// Most connections open at once; more are refused before any TLS work.
+    #[arg(
+        long = "max-connections",
+        env = "MLES_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+}
+
+/// Validated settings the server runs with.
+#[derive(Clone)]
+pub struct Config {
+    pub domains: Vec<String>,
+    pub email: Vec<String>,
+    pub cache: Option<PathBuf>,
+    pub wwwroot: PathBuf,
+    pub listen: SocketAddr,
+    pub redirect: Option<SocketAddr>,
+    pub tls: TlsConfig,
+    /// Shared secret for first-frame auth, from `MLES_KEY`; never logged.
+    pub key: Option<String>,
+    pub hub: crate::hub::HubConfig,
+    pub session: crate::session::SessionConfig,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum TlsConfig {
+    Off,
+    SelfSigned,
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    Acme {
+        staging: bool,
+        directory: Option<String>,
+        ca: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("domains", &self.domains)
+            .field("listen", &self.listen)
+            .field("tls", &self.tls)
+            .field("wwwroot", &self.wwwroot)
+            .field("key", &self.key.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Parses the process arguments and environment; exits with clap's message on bad syntax.
+    pub fn from_env() -> Result<Config, Error> {
+        let args = Args::parse();
+        let key = std::env::var("MLES_KEY").ok().filter(|k| !k.is_empty());
+        Config::from_args(args, key)
+    }
+
+    /// Validates parsed flags. `key` is the shared auth secret, if any.
+    pub fn from_args(args: Args, key: Option<String>) -> Result<Config, Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        let domains: Vec<String> = args
+            .domains
+            .iter()
+            .map(|d| d.trim().to_ascii_lowercase())
+            .filter(|d| !d.is_empty())
+            .collect();
+        if let Some(d) = domains.iter().find(|d| !valid_domain(d)) {
+            return bad(format!("invalid domain name '{d}'"));
+        }
+        let mode = match (args.tls, &args.cert) {
+            (Some(m), _) => m,
+            (None, Some(_)) => TlsMode::Files,
+            (None, None) if !domains.is_empty() => TlsMode::Acme,
+            (None, None) => TlsMode::SelfSigned,
+        };
+        let tls = match mode {
+            TlsMode::Off => TlsConfig::Off,
+            TlsMode::SelfSigned => TlsConfig::SelfSigned,
+            TlsMode::Files => match (&args.cert, &args.key) {
+                (Some(cert), Some(key)) => {
+                    for f in [cert, key] {
+                        if let Err(e) = std::fs::metadata(f) {
+                            return bad(format!("cannot read '{}': {e}", f.display()));
+                        }
+                    }
+                    TlsConfig::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    }
+                }
+                _ => return bad("--tls files needs both --cert and --key".into()),
+            },
+            TlsMode::Acme => {
+                if domains.is_empty() {
+                    return bad("--tls acme needs at least one --domains entry".into());
+                }
+                if let Some(ca) = &args.acme_ca {
+                    if let Err(e) = std::fs::metadata(ca) {
+                        return bad(format!("cannot read '{}': {e}", ca.display()));
+                    }
+                }
+                TlsConfig::Acme {
+                    staging: args.staging,
+                    directory: args.acme_directory.clone(),
+                    ca: args.acme_ca.clone(),
+                }
+            }
+        };
+        if mode != TlsMode::Files && (args.cert.is_some() || args.key.is_some()) {
+            return bad(format!("--cert/--key do not go with --tls {mode:?}").to_lowercase());
+        }
+        // Without domains a local server still needs a host to serve static files for.
+        let domains = if domains.is_empty() {
+            vec!["localhost".to_string()]
+        } else {
+            domains
+        };
+        if !args.wwwroot.is_dir() {
+            return bad(format!(
+                "wwwroot '{}' is not a directory",
+                args.wwwroot.display()
+            ));
+        }
+        if args.limit == 0 {
+            return bad("--limit must be at least 1".into());
+        }
+        if args.max_message_size < 64 {
+            return bad("--max-message-size must be at least 64 bytes".into());
+        }
+        if args.channel_bytes < args.max_message_size {
+            return bad("--channel-bytes must be at least --max-message-size".into());
+        }
+        if args.queue_frames == 0 || args.max_connections == 0 {
+            return bad("--queue-frames and --max-connections must be at least 1".into());
+        }
+        for (name, v) in [
+            ("--first-frame-timeout", args.first_frame_timeout),
+            ("--handshake-timeout", args.handshake_timeout),
+            ("--ping-interval", args.ping_interval),
+            ("--write-timeout", args.write_timeout),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1 second"));
+            }
+        }
+        if args.missed_pongs == 0 {
+            return bad("--missed-pongs must be at least 1".into());
+        }
+        if let Some(cache) = &args.cache {
+            if let Err(e) = std::fs::create_dir_all(cache) {
+                return bad(format!("cannot create cache '{}': {e}", cache.display()));
+            }
+        }
+        let ip = args.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        Ok(Config {
+            domains,
+            email: args.email,
+            cache: args.cache,
+            wwwroot: args.wwwroot,
+            listen: SocketAddr::new(ip, args.port),
+            redirect: args
+                .redirect
+                .then(|| SocketAddr::new(ip, args.redirect_port)),
+            tls,
+            key,
+            hub: crate::hub::HubConfig {
+                history_limit: args.limit,
+                queue_frames: args.queue_frames,
+                channel_bytes: args.channel_bytes,
+                history_expiry: Duration::from_secs(args.history_expiry),
+            },
+            session: crate::session::SessionConfig {
+                max_message_size: args.max_message_size,
+                first_frame_timeout: Duration::from_secs(args.first_frame_timeout),
+                ping_interval: Duration::from_secs(args.ping_interval),
+                missed_pongs: args.missed_pongs,
+                write_timeout: Duration::from_secs(args.write_timeout),
+            },
+            handshake_timeout: Duration::from_secs(args.handshake_timeout),
+            max_connections: args.max_connections,
+        })
+    }
+
+    /// A configuration for tests and embedding: plain WebSocket on an ephemeral loopback
+    /// port, serving `wwwroot` for `localhost`.
+    pub fn local(wwwroot: impl Into<PathBuf>) -> Config {
+        let args = Args::parse_from(["mles", "--tls", "off", "--port", "0", "--bind", "127.0.0.1"]);
+        let mut config = Config::from_args(
+            Args {
+                wwwroot: ".".into(),
+                ..args
+            },
+            None,
+        )
+        .expect("local defaults are valid");
+        config.wwwroot = wwwroot.into();
+        config
+    }
+}
+
+/// A DNS name as a Host header carries it: letters, digits, '-' and '.'.
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !d.starts_with('.')
+        && !d.contains("..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, Error> {
+        let mut argv = vec!["mles", "--wwwroot", "."];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::try_parse_from(argv).expect("flags parse"), None)
+    }
+
+    #[test]
+    fn domains_default_to_acme_and_no_domains_to_self_signed() {
+        let c = parse(&["-d", "example.org"]).unwrap();
+        assert!(matches!(c.tls, TlsConfig::Acme { .. }));
+        let c = parse(&[]).unwrap();
+        assert!(matches!(c.tls, TlsConfig::SelfSigned));
+        assert_eq!(c.domains, vec!["localhost"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_message() {
+        let msg = |r: Result<Config, Error>| r.unwrap_err().to_string();
+        assert!(msg(parse(&["--limit", "0"])).contains("--limit"));
+        assert!(msg(parse(&["--tls", "acme"])).contains("--domains"));
+        assert!(msg(parse(&["--cert", "/nonexistent.pem", "--key", "/x"])).contains("cannot read"));
+        assert!(msg(parse(&["-d", "bad/host"])).contains("invalid domain"));
+        let c = Config::from_args(
+            Args::try_parse_from(["mles", "--wwwroot", "/nonexistent-dir"]).unwrap(),
+            None,
+        );
+        assert!(msg(c).contains("not a directory"));
+        assert!(Args::try_parse_from(["mles", "--tls", "bogus"]).is_err());
+    }
+
+    #[test]
+    fn key_is_never_in_debug_output() {
+        let c = Config::from_args(
+            Args::try_parse_from(["mles", "--wwwroot", "."]).unwrap(),
+            Some("hunter2".into()),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,245 @@
+//! HTTP on the main listener: WebSocket upgrades for the `mles-websocket` subprotocol go
+//! to a session; everything else goes to warp filters (health, metrics, static files).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use log::debug;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use warp::reply::Response as WarpResponse;
+use warp::Filter;
+
+use crate::protocol::SUBPROTOCOL;
+use crate::server::Shared;
+use crate::shutdown::Shutdown;
+use crate::static_files;
+
+/// Answers one HTTP request; built once per server and shared by every connection.
+pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, WarpResponse> + Send + Sync>;
+
+/// The warp routes for requests that are not WebSocket upgrades.
+pub fn routes(shared: Arc<Shared>) -> Handler {
+    let health_state = shared.clone();
+    let health = warp::path!("health").and(warp::get()).map(move || {
+        if health_state.shutdown.is_shutdown() {
+            warp::reply::with_status("shutting down", StatusCode::SERVICE_UNAVAILABLE)
+                .into_response()
+        } else {
+            warp::reply::with_status("OK", StatusCode::OK).into_response()
+        }
+    });
+    let metrics_state = shared.clone();
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        metrics_state.refresh_gauges();
+        let body = metrics_state.metrics.render();
+        warp::reply::with_header(
+            body,
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .into_response()
+    });
+    let static_state = shared;
+    let files = warp::method()
+        .and(warp::header::optional::<String>("host"))
+        .and(warp::path::full())
+        .then(
+            move |method: Method, host: Option<String>, path: warp::path::FullPath| {
+                let shared = static_state.clone();
+                async move {
+                    if method != Method::GET && method != Method::HEAD {
+                        return static_files::status(StatusCode::METHOD_NOT_ALLOWED);
+                    }
+                    let config = &shared.config;
+                    static_files::serve(
+                        &config.wwwroot,
+                        &config.domains,
+                        host.as_deref(),
+                        path.as_str(),
+                        method == Method::HEAD,
+                    )
+                    .await
+                }
+            },
+        );
+    let service = warp::service(health.or(metrics).unify().or(files).unify());
+    Arc::new(move |req| {
+        use tower_service::Service;
+        let mut service = service.clone();
+        Box::pin(async move {
+            match service.call(req).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        })
+    })
+}
+
+use warp::Reply;
+
+/// Routes one request on a connection: upgrades to a session, the rest to `handler`.
+pub async fn dispatch(
+    req: Request<Incoming>,
+    handler: Handler,
+    shared: Arc<Shared>,
+    permit: Arc<OwnedSemaphorePermit>,
+    shutdown: Shutdown,
+) -> Result<WarpResponse, Infallible> {
+    if is_upgrade(req.headers()) {
+        Ok(upgrade(req, shared, permit, shutdown))
+    } else {
+        Ok(handler(req).await)
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    header_has_token(headers, header::UPGRADE, "websocket")
+}
+
+/// True when the client offers the Mles subprotocol, alone or in a list.
+pub fn offers_subprotocol(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL)
+}
+
+fn refuse(
+    shared: &Shared,
+    code: StatusCode,
+    reason: &'static str,
+    metric: &'static str,
+) -> WarpResponse {
+    shared.metrics.refused(metric);
+    debug!("refused upgrade: {reason}");
+    let mut response = Response::new(format!("{reason}\n"));
+    *response.status_mut() = code;
+    response.map(Into::into)
+}
+
+/// Validates a WebSocket upgrade and, if it is acceptable, answers 101 and starts a
+/// session on the upgraded connection.
+fn upgrade(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    permit: Arc<OwnedSemaphorePermit>,
+    shutdown: Shutdown,
+) -> WarpResponse {
+    let headers = req.headers();
+    if req.method() != Method::GET || !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "malformed WebSocket upgrade",
+            "bad_upgrade",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = refuse(
+            &shared,
+            StatusCode::UPGRADE_REQUIRED,
+            "WebSocket version 13 required",
+            "bad_upgrade",
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key missing",
+            "bad_upgrade",
+        );
+    };
+    if !offers_subprotocol(headers) {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "subprotocol mles-websocket required",
+            "subprotocol",
+        );
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let ws_config = shared.config.session.websocket_config();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                crate::session::run(ws, shared, shutdown).await;
+            }
+            Err(e) => debug!("upgrade failed: {e}"),
+        }
+        drop(permit);
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL)
+        .body(String::new())
+        .expect("valid response")
+        .map(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subprotocol_is_found_alone_or_in_a_list() {
+        let mut h = HeaderMap::new();
+        assert!(!offers_subprotocol(&h));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat, mles-websocket"),
+        );
+        assert!(offers_subprotocol(&h));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("mles-websocket-x, chat"),
+        );
+        assert!(!offers_subprotocol(&h));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("mles-websocket"),
+        );
+        assert!(offers_subprotocol(&h));
+    }
+}

@@ -1,0 +1,160 @@
+//! Prometheus metrics: the counters and gauges the server keeps, and their text rendering
+//! for `GET /metrics`. Counters are lock-free atomics, so updating one on a hot path costs
+//! one atomic add.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Reason = [(&'static str, &'static str); 1];
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    refused: Family<Reason, Counter>,
+    pub tls_handshake_failures: Counter,
+    pub joins: Counter,
+    bad_first_frames: Family<Reason, Counter>,
+    pub auth_failures: Counter,
+    pub messages_in: Counter,
+    pub bytes_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
+    pub slow_consumers: Counter,
+    pub oversize_messages: Counter,
+    pub channels: Gauge,
+    pub history_frames: Gauge,
+    pub history_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mles");
+        let m = Metrics {
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            refused: Family::default(),
+            tls_handshake_failures: Counter::default(),
+            joins: Counter::default(),
+            bad_first_frames: Family::default(),
+            auth_failures: Counter::default(),
+            messages_in: Counter::default(),
+            bytes_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_out: Counter::default(),
+            slow_consumers: Counter::default(),
+            oversize_messages: Counter::default(),
+            channels: Gauge::default(),
+            history_frames: Gauge::default(),
+            history_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "connections_open",
+            "Connections open now",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "TCP connections accepted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused, by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.tls_handshake_failures.clone(),
+        );
+        r.register("joins", "Members joined to a channel", m.joins.clone());
+        r.register(
+            "bad_first_frames",
+            "Connections closed for a bad join frame, by reason",
+            m.bad_first_frames.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Join frames refused for bad or missing auth",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "messages_in",
+            "Frames received from members",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "bytes_in",
+            "Payload bytes received from members",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Frames delivered to members",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "bytes_out",
+            "Payload bytes delivered to members",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "slow_consumers",
+            "Members disconnected for falling behind",
+            m.slow_consumers.clone(),
+        );
+        r.register(
+            "oversize_messages",
+            "Connections closed for an oversize message",
+            m.oversize_messages.clone(),
+        );
+        r.register(
+            "channels",
+            "Channels with members or history",
+            m.channels.clone(),
+        );
+        r.register(
+            "history_frames",
+            "Frames held in channel history",
+            m.history_frames.clone(),
+        );
+        r.register(
+            "history_bytes",
+            "Bytes held in channel history",
+            m.history_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a connection refused before it was served.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts a connection closed for a bad join frame.
+    pub fn bad_first_frame(&self, reason: &'static str) {
+        self.bad_first_frames
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

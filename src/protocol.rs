@@ -1,0 +1,240 @@
+//! The Mles v2 wire protocol without I/O: the `mles-websocket` subprotocol name, the join
+//! (first) frame and its validation, the SipHash auth token, and the close codes the server
+//! sends. Pure functions, unit-tested here.
+
+use siphasher::sip::SipHasher;
+use std::hash::Hasher;
+use subtle::ConstantTimeEq;
+
+/// The WebSocket subprotocol a client must offer.
+pub const SUBPROTOCOL: &str = "mles-websocket";
+
+/// Longest uid or channel name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// Longest join frame accepted, in bytes; the fields are short, so this is generous.
+pub const MAX_JOIN_FRAME: usize = 4096;
+
+/// WebSocket close codes used by the server (RFC 6455 §7.4.1).
+pub mod close {
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A rule was broken: bad join frame, auth failure, duplicate uid, rate limit.
+    pub const POLICY: u16 = 1008;
+    /// A message was larger than the server accepts.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server cannot keep this connection: it fell too far behind its channel.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// A validated join request: who joins which channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    pub uid: String,
+    pub channel: String,
+    pub auth: Option<String>,
+    /// The join frame as it goes into history: the client's frame minus its `auth` field.
+    pub history_frame: String,
+}
+
+/// Why a join frame was refused; the `Display` text is the close reason sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("join frame must be a text frame")]
+    NotText,
+    #[error("join frame too long")]
+    TooLong,
+    #[error("join frame is not a JSON object")]
+    NotJson,
+    #[error("join frame field '{0}' missing")]
+    Missing(&'static str),
+    #[error("join frame field '{0}' must be a string")]
+    WrongType(&'static str),
+    #[error("join frame field '{0}' must be 1-256 printable ASCII characters")]
+    BadName(&'static str),
+    #[error("authentication failed")]
+    AuthFailed,
+}
+
+/// Parses and validates a join frame's text. Unknown fields are kept (and replayed in
+/// history) so clients may carry their own metadata, as with mles v2.
+pub fn parse_join(text: &str) -> Result<Join, JoinError> {
+    if text.len() > MAX_JOIN_FRAME {
+        return Err(JoinError::TooLong);
+    }
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|_| JoinError::NotJson)?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(JoinError::NotJson);
+    };
+    let uid = name_field(&object, "uid")?;
+    let channel = name_field(&object, "channel")?;
+    let auth = match object.get("auth") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(JoinError::WrongType("auth")),
+    };
+    // Keep the client's bytes when there is nothing to strip, so history is what was sent.
+    let history_frame = if object.remove("auth").is_some() {
+        serde_json::Value::Object(object).to_string()
+    } else {
+        text.to_string()
+    };
+    Ok(Join {
+        uid,
+        channel,
+        auth,
+        history_frame,
+    })
+}
+
+fn name_field(
+    object: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<String, JoinError> {
+    match object.get(field) {
+        None => Err(JoinError::Missing(field)),
+        Some(serde_json::Value::String(s)) => {
+            let printable = s.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if s.is_empty() || s.len() > MAX_NAME_LEN || !printable {
+                Err(JoinError::BadName(field))
+            } else {
+                Ok(s.clone())
+            }
+        }
+        Some(_) => Err(JoinError::WrongType(field)),
+    }
+}
+
+/// The mles v2 auth token: SipHash-2-4 with key (0, 0) over uid, channel and then the
+/// shared key (when there is one), as lowercase hex.
+pub fn auth_token(uid: &str, channel: &str, key: Option<&str>) -> String {
+    let mut hasher = SipHasher::new();
+    hasher.write(uid.as_bytes());
+    hasher.write(channel.as_bytes());
+    if let Some(key) = key {
+        hasher.write(key.as_bytes());
+    }
+    format!("{:x}", hasher.finish())
+}
+
+/// Checks a join's auth against the server key, as mles v2 does: with a key the token is
+/// required; without one a token that is present must still match uid + channel.
+pub fn verify_auth(join: &Join, key: Option<&str>) -> Result<(), JoinError> {
+    let presented = match (&join.auth, key) {
+        (None, None) => return Ok(()),
+        (None, Some(_)) => return Err(JoinError::AuthFailed),
+        (Some(a), _) => a,
+    };
+    let expected = auth_token(&join.uid, &join.channel, key);
+    // Accept what u64::from_str_radix accepts in v2 (any case, leading zeros) by
+    // normalising first; the comparison itself is constant-time.
+    let normalised = u64::from_str_radix(presented, 16)
+        .map(|v| format!("{v:x}"))
+        .unwrap_or_default();
+    if normalised.as_bytes().ct_eq(expected.as_bytes()).into() {
+        Ok(())
+    } else {
+        Err(JoinError::AuthFailed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_minimal_join() {
+        let j = parse_join(r#"{"uid":"alice","channel":"general"}"#).unwrap();
+        assert_eq!(j.uid, "alice");
+        assert_eq!(j.channel, "general");
+        assert_eq!(j.auth, None);
+        assert_eq!(j.history_frame, r#"{"uid":"alice","channel":"general"}"#);
+    }
+
+    #[test]
+    fn history_frame_drops_auth_and_keeps_other_fields_in_order() {
+        let j = parse_join(r#"{"uid":"a","channel":"c","auth":"1f","nick":"A"}"#).unwrap();
+        assert_eq!(j.auth.as_deref(), Some("1f"));
+        assert_eq!(j.history_frame, r#"{"uid":"a","channel":"c","nick":"A"}"#);
+    }
+
+    #[test]
+    fn refuses_malformed_frames_with_a_reason() {
+        let cases: &[(&str, JoinError)] = &[
+            ("hello", JoinError::NotJson),
+            ("[1,2]", JoinError::NotJson),
+            (r#"{"channel":"c"}"#, JoinError::Missing("uid")),
+            (r#"{"uid":"u"}"#, JoinError::Missing("channel")),
+            (r#"{"uid":5,"channel":"c"}"#, JoinError::WrongType("uid")),
+            (
+                r#"{"uid":"u","channel":"c","auth":7}"#,
+                JoinError::WrongType("auth"),
+            ),
+            (r#"{"uid":"","channel":"c"}"#, JoinError::BadName("uid")),
+            (
+                r#"{"uid":"u","channel":"é"}"#,
+                JoinError::BadName("channel"),
+            ),
+            (
+                r#"{"uid":"u","channel":"a\nb"}"#,
+                JoinError::BadName("channel"),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_join(text).unwrap_err(), *want, "input {text}");
+        }
+        let long = format!(r#"{{"uid":"{}","channel":"c"}}"#, "x".repeat(257));
+        assert_eq!(parse_join(&long).unwrap_err(), JoinError::BadName("uid"));
+        let huge = format!(
+            r#"{{"uid":"u","channel":"c","pad":"{}"}}"#,
+            "x".repeat(5000)
+        );
+        assert_eq!(parse_join(&huge).unwrap_err(), JoinError::TooLong);
+    }
+
+    #[test]
+    fn close_reasons_fit_in_a_close_frame() {
+        // A close frame's reason is at most 123 bytes.
+        for e in [
+            JoinError::BadName("channel"),
+            JoinError::WrongType("channel"),
+            JoinError::AuthFailed,
+        ] {
+            assert!(e.to_string().len() <= 123);
+        }
+    }
+
+    #[test]
+    fn auth_token_matches_an_independent_siphash() {
+        // SipHash-2-4, key 0: the reference vector for the empty message is 0x1e924b9d737700d7.
+        assert_eq!(auth_token("", "", None), "1e924b9d737700d7");
+        let mut h = SipHasher::new();
+        h.write(b"alice");
+        h.write(b"general");
+        h.write(b"secret");
+        assert_eq!(
+            auth_token("alice", "general", Some("secret")),
+            format!("{:x}", h.finish())
+        );
+    }
+
+    #[test]
+    fn auth_rules_follow_mles_v2() {
+        let join = |auth: Option<String>| Join {
+            uid: "u".into(),
+            channel: "c".into(),
+            auth,
+            history_frame: String::new(),
+        };
+        let keyed = auth_token("u", "c", Some("k"));
+        let unkeyed = auth_token("u", "c", None);
+        assert!(verify_auth(&join(None), None).is_ok());
+        assert!(verify_auth(&join(Some(unkeyed.clone())), None).is_ok());
+        assert!(verify_auth(&join(Some("beef".into())), None).is_err());
+        assert!(verify_auth(&join(None), Some("k")).is_err());
+        assert!(verify_auth(&join(Some(unkeyed)), Some("k")).is_err());
+        assert!(verify_auth(&join(Some(keyed.clone())), Some("k")).is_ok());
+        assert!(verify_auth(&join(Some(keyed.to_uppercase())), Some("k")).is_ok());
+        assert!(verify_auth(&join(Some("not hex".into())), Some("k")).is_err());
+    }
+}

@@ -1,0 +1,362 @@
+//! One WebSocket client's life after the upgrade: its join frame under a timeout, then one
+//! task that reads its frames into the hub and writes its channel's frames out, pings it
+//! when quiet, and closes it with a code that says why.
+//!
+//! Reading and writing run concurrently inside the one task, so a client that does not
+//! read never stops the server from reading it (two peered servers writing to each other
+//! cannot deadlock), and a client that does not write never delays its deliveries.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use log::{debug, info, warn};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::hub::Member;
+use crate::protocol::{self, close};
+use crate::server::Shared;
+use crate::shutdown::Shutdown;
+
+/// Per-connection limits and timers.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub max_message_size: usize,
+    pub first_frame_timeout: Duration,
+    pub ping_interval: Duration,
+    pub missed_pongs: u32,
+    pub write_timeout: Duration,
+}
+
+/// Frames taken from the channel per lock; bounds the time the lock is held.
+const FETCH_BATCH: usize = 256;
+
+/// Bytes buffered before tungstenite writes to the socket on its own; the writer flushes
+/// explicitly whenever the channel has nothing more for it, so this only caps a burst.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Read buffer per socket. Small, because idle connections are the common case and a
+/// large frame grows the buffer only while it is being read.
+const READ_BUFFER: usize = 4 * 1024;
+
+impl SessionConfig {
+    /// The tungstenite limits for a server-side socket.
+    pub fn websocket_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(WRITE_BUFFER)
+            .max_write_buffer_size(WRITE_BUFFER + self.max_message_size + 16)
+            .max_message_size(Some(self.max_message_size))
+            .max_frame_size(Some(self.max_message_size))
+    }
+}
+
+/// How a session ended; decides the close frame sent.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    Disconnected,
+    Shutdown,
+    TooBig,
+    SlowConsumer(&'static str),
+    Unresponsive,
+    Error(WsError),
+}
+
+impl End {
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        match self {
+            End::Shutdown => Some((close::GOING_AWAY, "server shutting down")),
+            End::TooBig => Some((close::TOO_BIG, "message too big")),
+            End::SlowConsumer(why) => Some((close::TRY_AGAIN_LATER, why)),
+            End::Unresponsive => Some((close::POLICY, "no answer to pings")),
+            End::ClientClosed | End::Disconnected | End::Error(_) => None,
+        }
+    }
+}
+
+/// Runs one upgraded connection until it ends.
+pub async fn run<S>(mut ws: WebSocketStream<S>, shared: Arc<Shared>, mut shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let config = &shared.config.session;
+    let join = tokio::select! {
+        join = tokio::time::timeout(config.first_frame_timeout, first_frame(&mut ws)) => join,
+        _ = shutdown.recv() => {
+            send_close(&mut ws, close::GOING_AWAY, "server shutting down").await;
+            return;
+        }
+    };
+    let join = match join {
+        Err(_elapsed) => Err(Refusal::new("timeout", "join frame timeout")),
+        Ok(Ok(Some(join))) => Ok(join),
+        Ok(Ok(None)) => return,
+        Ok(Err(refusal)) => Err(refusal),
+    };
+    let join = join.and_then(|join| {
+        protocol::verify_auth(&join, shared.config.key.as_deref()).map_err(|e| {
+            shared.metrics.auth_failures.inc();
+            Refusal::new("auth", e.to_string())
+        })?;
+        Ok(join)
+    });
+    let join = match join {
+        Ok(join) => join,
+        Err(refusal) => {
+            debug!("refused join: {}", refusal.reason);
+            shared.metrics.bad_first_frame(refusal.metric);
+            send_close(&mut ws, refusal.code, &refusal.reason).await;
+            return;
+        }
+    };
+    let member = match shared.hub.join(
+        &join.channel,
+        &join.uid,
+        Message::text(join.history_frame.clone()),
+    ) {
+        Ok(member) => member,
+        Err(e) => {
+            shared.metrics.bad_first_frame("duplicate_uid");
+            send_close(&mut ws, close::POLICY, &e.to_string()).await;
+            return;
+        }
+    };
+    shared.metrics.joins.inc();
+    debug!("{} joined {}", join.uid, join.channel);
+    let end = serve_member(ws, &member, &shared, shutdown).await;
+    match &end {
+        End::SlowConsumer(_) => {
+            shared.metrics.slow_consumers.inc();
+            info!("{} on {}: disconnected, {:?}", join.uid, join.channel, end);
+        }
+        End::Error(e) => debug!("{} on {}: {e}", join.uid, join.channel),
+        _ => debug!("{} on {}: {:?}", join.uid, join.channel, end),
+    }
+}
+
+/// A join frame refused: close code, reason for the client, label for the metric.
+struct Refusal {
+    code: u16,
+    reason: String,
+    metric: &'static str,
+}
+
+impl Refusal {
+    fn new(metric: &'static str, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            code: close::POLICY,
+            reason: reason.into(),
+            metric,
+        }
+    }
+}
+
+/// Reads the join frame. `Ok(None)` when the client went away first.
+async fn first_frame<S>(ws: &mut WebSocketStream<S>) -> Result<Option<protocol::Join>, Refusal>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        return match ws.next().await {
+            None | Some(Ok(Message::Close(_))) => Ok(None),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(text))) => protocol::parse_join(&text)
+                .map(Some)
+                .map_err(|e| Refusal::new("malformed", e.to_string())),
+            Some(Ok(_)) => Err(Refusal::new(
+                "not_text",
+                protocol::JoinError::NotText.to_string(),
+            )),
+            Some(Err(WsError::Capacity(_))) => Err(Refusal {
+                code: close::TOO_BIG,
+                reason: "message too big".into(),
+                metric: "too_big",
+            }),
+            Some(Err(e)) => {
+                debug!("before join: {e}");
+                Ok(None)
+            }
+        };
+    }
+}
+
+async fn serve_member<S>(
+    ws: WebSocketStream<S>,
+    member: &Member,
+    shared: &Shared,
+    mut shutdown: Shutdown,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut sink, mut stream) = ws.split();
+    let clock = Clock::new();
+    let config = &shared.config.session;
+    let end = tokio::select! {
+        end = read_frames(&mut stream, member, shared, &clock) => end,
+        end = write_frames(&mut sink, member, shared, &clock) => end,
+        end = watch_liveness(config, &clock) => end,
+        _ = shutdown.recv() => End::Shutdown,
+    };
+    if let Some((code, reason)) = end.close_frame() {
+        let frame = close_message(code, reason);
+        let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(frame)).await;
+    } else if matches!(end, End::ClientClosed) {
+        // tungstenite queued the close reply; push it out.
+        let _ = tokio::time::timeout(Duration::from_secs(2), sink.flush()).await;
+    }
+    end
+}
+
+/// When the client was last heard from, in milliseconds since the session began.
+struct Clock {
+    start: Instant,
+    last_heard: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+            last_heard: AtomicU64::new(0),
+        }
+    }
+
+    fn heard(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_heard.store(now, Ordering::Relaxed);
+    }
+
+    fn silence(&self) -> Duration {
+        let last = Duration::from_millis(self.last_heard.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+async fn read_frames<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    member: &Member,
+    shared: &Shared,
+    clock: &Clock,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(frame) = stream.next().await {
+        clock.heard();
+        match frame {
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                shared.metrics.messages_in.inc();
+                shared.metrics.bytes_in.inc_by(msg.len() as u64);
+                member.publish(msg);
+            }
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+            Ok(Message::Close(_)) => return End::ClientClosed,
+            Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                shared.metrics.oversize_messages.inc();
+                debug!("message of {size} bytes over the {max_size} limit");
+                return End::TooBig;
+            }
+            Err(e) => return End::Error(e),
+        }
+    }
+    End::Disconnected
+}
+
+async fn write_frames<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    member: &Member,
+    shared: &Shared,
+    clock: &Clock,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = &shared.config.session;
+    let mut ping = tokio::time::interval(config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut batch = Vec::new();
+    loop {
+        // Feed everything the channel has for us, then flush once: one write syscall
+        // carries as many frames as arrived while the last one was in flight.
+        let mut fed = false;
+        loop {
+            if member.fetch(&mut batch, FETCH_BATCH).is_err() {
+                return End::SlowConsumer("too slow: fell behind the channel");
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let (count, bytes) = (batch.len(), batch.iter().map(Message::len).sum::<usize>());
+            for msg in batch.drain(..) {
+                match tokio::time::timeout(config.write_timeout, sink.feed(msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::Error(e),
+                    Err(_) => return End::SlowConsumer("too slow: write stalled"),
+                }
+            }
+            shared.metrics.messages_out.inc_by(count as u64);
+            shared.metrics.bytes_out.inc_by(bytes as u64);
+            fed = true;
+        }
+        if fed {
+            match tokio::time::timeout(config.write_timeout, sink.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return End::Error(e),
+                Err(_) => return End::SlowConsumer("too slow: write stalled"),
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = member.pending() => {}
+            _ = ping.tick() => {
+                if clock.silence() >= config.ping_interval {
+                    let sent = tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Default::default()))).await;
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return End::Error(e),
+                        Err(_) => return End::SlowConsumer("too slow: write stalled"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Ends the session once the client has been silent for `missed_pongs` ping intervals.
+async fn watch_liveness(config: &SessionConfig, clock: &Clock) -> End {
+    let limit = config.ping_interval * (config.missed_pongs + 1);
+    loop {
+        let silence = clock.silence();
+        if silence >= limit {
+            return End::Unresponsive;
+        }
+        tokio::time::sleep(limit - silence).await;
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }))
+}
+
+async fn send_close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = close_message(code, reason);
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(2), ws.send(frame)).await {
+        warn!("close frame not sent: {e}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Static files per domain: `GET /path` with `Host: example.org` reads
+//! `<wwwroot>/example.org/path`. Only configured domains are served, and nothing outside
+//! the domain's folder can be read: every path segment is decoded and checked, and the
+//! resolved file must still lie inside the folder after symlinks are followed.
+
+use std::path::{Path, PathBuf};
+
+use http::{header, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use warp::reply::Response as WarpResponse;
+
+/// Files larger than this are refused rather than read into memory.
+const MAX_FILE: u64 = 64 * 1024 * 1024;
+
+/// The lowercased host of a Host header value, without its port.
+pub fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Splits a raw (percent-encoded) request path into safe, decoded segments, or `None`
+/// when any segment could step outside the root.
+pub fn safe_segments(raw_path: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for raw in raw_path.split('/') {
+        if raw.is_empty() {
+            continue;
+        }
+        let seg = percent_decode_str(raw).decode_utf8().ok()?;
+        let hidden = seg.starts_with('.') && seg != ".well-known";
+        if hidden || seg.contains(['/', '\\', '\0', ':']) {
+            return None;
+        }
+        out.push(seg.into_owned());
+    }
+    Some(out)
+}
+
+/// Answers a GET or HEAD for a static file.
+pub async fn serve(
+    root: &Path,
+    domains: &[String],
+    host: Option<&str>,
+    raw_path: &str,
+    head: bool,
+) -> WarpResponse {
+    let Some(host) = host.map(host_name) else {
+        return status(StatusCode::NOT_FOUND);
+    };
+    if !domains.iter().any(|d| *d == host) {
+        return status(StatusCode::NOT_FOUND);
+    }
+    let Some(segments) = safe_segments(raw_path) else {
+        return status(StatusCode::NOT_FOUND);
+    };
+    let site = root.join(&host);
+    match resolve(&site, &segments).await {
+        Resolved::File { path, len, index } if !index || raw_path.ends_with('/') => {
+            file_response(&path, len, head).await
+        }
+        Resolved::File { .. } => {
+            // Relative links in an index page need the trailing slash.
+            let location = format!("{}/", raw_path.trim_end_matches('/'));
+            Response::builder()
+                .status(StatusCode::MOVED_PERMANENTLY)
+                .header(header::LOCATION, location)
+                .body(String::new())
+                .expect("valid response")
+                .map(Into::into)
+        }
+        Resolved::NotFound => status(StatusCode::NOT_FOUND),
+    }
+}
+
+enum Resolved {
+    /// `index` when the path named a directory and this is its index.html.
+    File {
+        path: PathBuf,
+        len: u64,
+        index: bool,
+    },
+    NotFound,
+}
+
+async fn resolve(site: &Path, segments: &[String]) -> Resolved {
+    let Ok(site) = tokio::fs::canonicalize(site).await else {
+        return Resolved::NotFound;
+    };
+    let mut path = site.clone();
+    path.extend(segments);
+    let Ok(mut real) = tokio::fs::canonicalize(&path).await else {
+        return Resolved::NotFound;
+    };
+    if !real.starts_with(&site) {
+        return Resolved::NotFound;
+    }
+    let Ok(mut meta) = tokio::fs::metadata(&real).await else {
+        return Resolved::NotFound;
+    };
+    let index = meta.is_dir();
+    if index {
+        let index = real.join("index.html");
+        let Ok(index_real) = tokio::fs::canonicalize(&index).await else {
+            return Resolved::NotFound;
+        };
+        if !index_real.starts_with(&site) {
+            return Resolved::NotFound;
+        }
+        real = index_real;
+        let Ok(m) = tokio::fs::metadata(&real).await else {
+            return Resolved::NotFound;
+        };
+        meta = m;
+    }
+    if meta.is_file() && meta.len() <= MAX_FILE {
+        Resolved::File {
+            path: real,
+            len: meta.len(),
+            index,
+        }
+    } else {
+        Resolved::NotFound
+    }
+}
+
+async fn file_response(path: &Path, len: u64, head: bool) -> WarpResponse {
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    let content_type = match mime.type_() {
+        mime_guess::mime::TEXT => format!("{mime}; charset=utf-8"),
+        _ if mime.subtype() == "javascript" => format!("{mime}; charset=utf-8"),
+        _ => mime.to_string(),
+    };
+    let body = if head {
+        Vec::new()
+    } else {
+        match tokio::fs::read(path).await {
+            Ok(body) => body,
+            Err(_) => return status(StatusCode::NOT_FOUND),
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .body(body)
+        .expect("valid response")
+        .map(Into::into)
+}
+
+pub fn status(code: StatusCode) -> WarpResponse {
+    let text = code.canonical_reason().unwrap_or("").to_string();
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(text)
+        .expect("valid response")
+        .map(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_lose_port_and_case() {
+        assert_eq!(host_name("Example.ORG:8443"), "example.org");
+        assert_eq!(host_name("localhost"), "localhost");
+        assert_eq!(host_name("[::1]:443"), "::1");
+        assert_eq!(host_name("example.org."), "example.org");
+    }
+
+    #[test]
+    fn traversal_segments_are_refused() {
+        for bad in [
+            "/../etc/passwd",
+            "/a/%2e%2e/b",
+            "/%2E%2E/x",
+            "/a%2f..%2fb",
+            "/a%5c..%5cb",
+            "/..\\x",
+            "/x%00.html",
+            "/.git/config",
+            "/c:/windows",
+            "/%ff",
+        ] {
+            assert_eq!(safe_segments(bad), None, "{bad}");
+        }
+        assert_eq!(
+            safe_segments("/a//b/c.html").unwrap(),
+            vec!["a", "b", "c.html"]
+        );
+        assert_eq!(
+            safe_segments("/hello%20world.txt").unwrap(),
+            vec!["hello world.txt"]
+        );
+    }
+}

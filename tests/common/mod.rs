@@ -1,0 +1,217 @@
+//! Test harness: a real server on an ephemeral loopback port, and a WebSocket client that
+//! talks to it as Mles clients do. Every receive is bounded by a timeout.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use mles::config::Config;
+use mles::server::{Server, Shared};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The shipped default wwwroot.
+pub fn static_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("static")
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    pub handle: Option<JoinHandle<Result<(), mles::Error>>>,
+}
+
+impl TestServer {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(WAIT, handle)
+                .await
+                .expect("server stops in time")
+                .expect("server task")
+                .expect("server run ok");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
+}
+
+/// A plain server with default settings, serving `static/` for localhost.
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+/// A plain server with settings changed by `tweak`.
+pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config::local(static_root());
+    tweak(&mut config);
+    start_config(config).await
+}
+
+pub async fn start_config(config: Config) -> TestServer {
+    let server = Server::bind(config).await.expect("server binds");
+    let addr = server.local_addr();
+    let shared = server.shared();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        shared,
+        stop: Some(stop),
+        handle: Some(handle),
+    }
+}
+
+/// Opens a WebSocket offering `protocols` (None: no Sec-WebSocket-Protocol header).
+pub async fn connect_with(
+    addr: SocketAddr,
+    protocols: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("ws://{addr}/").into_client_request().unwrap();
+    if let Some(p) = protocols {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(p).unwrap());
+    }
+    let (ws, _response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("connect in time")?;
+    Ok(ws)
+}
+
+/// Opens a WebSocket offering the Mles subprotocol.
+pub async fn connect(addr: SocketAddr) -> Ws {
+    connect_with(addr, Some("mles-websocket"))
+        .await
+        .expect("upgrade accepted")
+}
+
+/// The JSON join frame for `uid` on `channel`.
+pub fn join_frame(uid: &str, channel: &str) -> String {
+    serde_json::json!({"uid": uid, "channel": channel}).to_string()
+}
+
+/// Connects and joins `channel` as `uid`.
+pub async fn join(addr: SocketAddr, uid: &str, channel: &str) -> Ws {
+    let mut ws = connect(addr).await;
+    send_text(&mut ws, &join_frame(uid, channel)).await;
+    ws
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    tokio::time::timeout(WAIT, ws.send(Message::text(text)))
+        .await
+        .expect("send in time")
+        .expect("send ok");
+}
+
+pub async fn send_binary(ws: &mut Ws, data: &[u8]) {
+    tokio::time::timeout(WAIT, ws.send(Message::binary(data.to_vec())))
+        .await
+        .expect("send in time")
+        .expect("send ok");
+}
+
+/// Next data or close frame, skipping pings and pongs; panics after [`WAIT`].
+pub async fn recv(ws: &mut Ws) -> Message {
+    loop {
+        let next = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame arrives in time");
+        match next {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(msg)) => return msg,
+            Some(Err(e)) => panic!("receive error: {e}"),
+            None => panic!("connection ended without a close frame"),
+        }
+    }
+}
+
+/// Next frame as text; panics on anything else.
+pub async fn recv_text(ws: &mut Ws) -> String {
+    match recv(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Reads `n` text frames.
+pub async fn recv_texts(ws: &mut Ws, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(recv_text(ws).await);
+    }
+    out
+}
+
+/// Waits for the server's close frame and returns its code and reason.
+pub async fn expect_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        let next = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("close arrives in time");
+        match next {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string())
+            }
+            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(other)) => panic!("expected close, got {other:?}"),
+            Some(Err(e)) => panic!("expected close frame, got error {e}"),
+            None => panic!("connection ended without a close frame"),
+        }
+    }
+}
+
+/// Asserts that no data frame arrives within `quiet`.
+pub async fn expect_nothing(ws: &mut Ws, quiet: Duration) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("expected nothing, got {other:?}"),
+        }
+    }
+}
+
+/// Polls `cond` until it holds or [`WAIT`] passes.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -131,17 +131,36 @@ impl Channel {
         self.head.store(ring.head(), Ordering::Release);
     }
 
-    fn publish(&self, origin: MemberId, msg: Message) {
+    /// Appends a live frame from `member`, never waiting on anyone. First the member's
+    /// cursor skips whatever pending frames are not for it (its own, or join frames after
+    /// its join), so a member flooding the channel never counts its own frames against its
+    /// lag budget. Each entry is skipped at most once, so this is amortised O(1).
+    fn publish(&self, member: &Member, msg: Message) {
         {
             let mut ring = self.lock();
+            let mut cursor = member.cursor.load(Ordering::Relaxed);
+            if cursor >= ring.first_seq {
+                let start = (cursor - ring.first_seq) as usize;
+                for entry in ring.entries.range(start..) {
+                    if member.wants(entry, cursor) {
+                        break;
+                    }
+                    cursor += 1;
+                }
+            }
+            let caught_up = cursor == ring.head();
             self.push(
                 &mut ring,
                 Entry {
-                    origin,
+                    origin: member.id,
                     live: true,
                     msg,
                 },
             );
+            if caught_up {
+                cursor = ring.head();
+            }
+            member.cursor.store(cursor, Ordering::Relaxed);
         }
         self.published.notify_waiters();
     }
@@ -204,6 +223,12 @@ impl Hub {
         let history = ring.entries.len().min(self.config.history_limit) as u64;
         let cursor = ring.head() - history;
         let join_seq = ring.head();
+        // With no history to replay the member starts past its own join frame, caught up.
+        let cursor = if cursor == join_seq {
+            join_seq + 1
+        } else {
+            cursor
+        };
         chan.push(
             &mut ring,
             Entry {
@@ -259,7 +284,8 @@ pub struct Member {
     uid: Arc<str>,
     /// Sequence of this member's own join frame: entries before it are history.
     join_seq: u64,
-    /// Next sequence to deliver. Atomic only so `&Member` can both publish and read.
+    /// Next sequence to deliver. Atomic so `&Member` can both publish and fetch; written
+    /// only under the channel lock.
     cursor: AtomicU64,
 }
 
@@ -278,7 +304,13 @@ impl Member {
 
     /// Sends a frame to every other member of the channel and into its history.
     pub fn publish(&self, msg: Message) {
-        self.channel.publish(self.id, msg);
+        self.channel.publish(self, msg);
+    }
+
+    /// Whether the entry at `seq` is delivered to this member: not its own, and live or
+    /// part of the history it joined to.
+    fn wants(&self, entry: &Entry, seq: u64) -> bool {
+        entry.origin != self.id && (entry.live || seq < self.join_seq)
     }
 
     /// True when frames past this member's cursor are waiting.
@@ -299,8 +331,7 @@ impl Member {
         }
         let start = (cursor - ring.first_seq) as usize;
         for entry in ring.entries.range(start..).take(max) {
-            let is_history = cursor < self.join_seq;
-            if entry.origin != self.id && (entry.live || is_history) {
+            if self.wants(entry, cursor) {
                 out.push(entry.msg.clone());
             }
             cursor += 1;
@@ -410,6 +441,16 @@ mod tests {
             assert_eq!(drain(&fast).unwrap(), vec![i.to_string()]);
         }
         assert_eq!(drain(&slow), Err(Lagged));
+    }
+
+    #[test]
+    fn a_member_flooding_the_channel_does_not_lag_on_its_own_frames() {
+        let hub = hub(2, 4, 1 << 20);
+        let flooder = hub.join("c", "f", text("j")).unwrap();
+        for i in 0..100 {
+            flooder.publish(text(&i.to_string()));
+        }
+        assert_eq!(drain(&flooder), Ok(vec![]));
     }
 
     #[test]

@@ -257,6 +257,11 @@ where
                 shared.metrics.messages_in.inc();
                 shared.metrics.bytes_in.inc_by(msg.len() as u64);
                 member.publish(msg);
+                if member.has_pending() {
+                    // Frames for this member are waiting: let the writer run before
+                    // reading more, so a busy publisher still drains its own queue.
+                    tokio::task::yield_now().await;
+                }
             }
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
             Ok(Message::Close(_)) => return End::ClientClosed,

@@ -9,14 +9,18 @@
 //! ring (it is more than the ring's frames or bytes behind) is told it lagged and is
 //! disconnected; nobody else notices.
 //!
+//! Every frame carries a [`MsgKey`] — the server it entered the system on and a number —
+//! so frames relayed between servers (peer links, a backplane) are stored and delivered
+//! once however many paths bring them, and a restarted server can take back its history.
+//!
 //! Locks: the channel map's mutex is taken only to join and to sweep expired channels;
 //! each channel has its own mutex, held for a few pointer copies at a time, never across
 //! an `.await`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
@@ -38,10 +42,30 @@ impl HubConfig {
     fn ring_frames(&self) -> usize {
         self.history_limit.max(self.queue_frames)
     }
+
+    /// Relayed keys remembered per channel for de-duplication.
+    fn seen_capacity(&self) -> usize {
+        (self.ring_frames() * 4).max(4096)
+    }
 }
 
 /// Identifies one membership (one connection's stay in one channel).
 pub type MemberId = u64;
+
+/// Identifies a frame across servers: where it entered the system and its number there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MsgKey {
+    /// The entry server's id and boot epoch, e.g. `"alpha#18c2f0"`.
+    pub origin: Arc<str>,
+    pub seq: u64,
+}
+
+/// What a member is: a client of this server, or another server linked to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberKind {
+    Client,
+    Peer,
+}
 
 /// Why a join was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,12 +79,27 @@ pub enum JoinError {
 #[error("too slow: fell behind the channel")]
 pub struct Lagged;
 
-#[derive(Clone)]
-struct Entry {
-    origin: MemberId,
+/// A stored frame.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The member that put it here (a client, or the link it arrived on).
+    pub from: MemberId,
     /// Join frames are history only: replayed to later members, never sent live.
-    live: bool,
-    msg: Message,
+    pub live: bool,
+    pub key: MsgKey,
+    pub msg: Message,
+}
+
+/// The hub's link to the world outside this server (peer links, a cluster backplane).
+/// The hub tells it when a channel gains its first client; it joins the channel as a
+/// [`MemberKind::Peer`] member and relays with [`Member::relay`].
+pub trait Backplane: Send + Sync {
+    fn channel_active(&self, channel: &Arc<Channel>);
+}
+
+/// Receives every stored frame, for persistence. Must not block.
+pub trait Recorder: Send + Sync {
+    fn record(&self, channel: &Arc<Channel>, entry: &Entry);
 }
 
 struct Ring {
@@ -68,7 +107,11 @@ struct Ring {
     /// Sequence number of `entries[0]`.
     first_seq: u64,
     bytes: usize,
-    members: HashMap<Arc<str>, MemberId>,
+    members: HashMap<Arc<str>, (MemberId, MemberKind)>,
+    clients: usize,
+    /// Keys of relayed frames already stored, oldest first, for de-duplication.
+    seen: HashSet<MsgKey>,
+    seen_order: VecDeque<MsgKey>,
     last_activity: Instant,
 }
 
@@ -76,6 +119,31 @@ impl Ring {
     fn head(&self) -> u64 {
         self.first_seq + self.entries.len() as u64
     }
+
+    /// Remembers a relayed key; false when it was already known.
+    fn remember(&mut self, key: &MsgKey, capacity: usize) -> bool {
+        if !self.seen.insert(key.clone()) {
+            return false;
+        }
+        self.seen_order.push_back(key.clone());
+        if self.seen_order.len() > capacity {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Settings and identity every channel shares.
+struct HubShared {
+    config: HubConfig,
+    /// This server's id and boot epoch: the origin of frames its clients publish.
+    origin: Arc<str>,
+    next_seq: AtomicU64,
+    next_member: AtomicU64,
+    backplane: OnceLock<Arc<dyn Backplane>>,
+    recorder: OnceLock<Arc<dyn Recorder>>,
 }
 
 /// One channel: its ring and the signal that wakes members waiting for frames.
@@ -85,11 +153,11 @@ pub struct Channel {
     /// Sequence number the next frame will get; read without the lock to skip idle polls.
     head: AtomicU64,
     published: Notify,
-    config: Arc<HubConfig>,
+    hub: Arc<HubShared>,
 }
 
 impl Channel {
-    fn new(name: Arc<str>, config: Arc<HubConfig>) -> Channel {
+    fn new(name: Arc<str>, hub: Arc<HubShared>) -> Channel {
         Channel {
             name,
             ring: Mutex::new(Ring {
@@ -97,11 +165,14 @@ impl Channel {
                 first_seq: 0,
                 bytes: 0,
                 members: HashMap::new(),
+                clients: 0,
+                seen: HashSet::new(),
+                seen_order: VecDeque::new(),
                 last_activity: Instant::now(),
             }),
             head: AtomicU64::new(0),
             published: Notify::new(),
-            config,
+            hub,
         }
     }
 
@@ -115,13 +186,17 @@ impl Channel {
         &self.name
     }
 
-    /// Appends a frame and wakes the members waiting for one. Never blocks on a member.
-    fn push(&self, ring: &mut Ring, entry: Entry) {
+    /// Appends an entry and trims the ring to its bounds. The caller wakes members.
+    fn push(self: &Arc<Self>, ring: &mut Ring, entry: Entry) {
+        if let Some(recorder) = self.hub.recorder.get() {
+            recorder.record(self, &entry);
+        }
+        let config = &self.hub.config;
         ring.bytes += entry.msg.len();
         ring.entries.push_back(entry);
-        let max_frames = self.config.ring_frames();
+        let max_frames = config.ring_frames();
         while ring.entries.len() > max_frames
-            || (ring.bytes > self.config.channel_bytes && ring.entries.len() > 1)
+            || (ring.bytes > config.channel_bytes && ring.entries.len() > 1)
         {
             let old = ring.entries.pop_front().expect("ring is not empty");
             ring.bytes -= old.msg.len();
@@ -131,13 +206,36 @@ impl Channel {
         self.head.store(ring.head(), Ordering::Release);
     }
 
-    /// Appends a live frame from `member`, never waiting on anyone. First the member's
-    /// cursor skips whatever pending frames are not for it (its own, or join frames after
-    /// its join), so a member flooding the channel never counts its own frames against its
+    fn new_key(&self) -> MsgKey {
+        MsgKey {
+            origin: self.hub.origin.clone(),
+            seq: self.hub.next_seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Appends a frame from `member`, never waiting on anyone. First the member's cursor
+    /// skips whatever pending frames are not for it (its own, or join frames after its
+    /// join), so a member flooding the channel never counts its own frames against its
     /// lag budget. Each entry is skipped at most once, so this is amortised O(1).
-    fn publish(&self, member: &Member, msg: Message) {
+    fn publish(
+        self: &Arc<Self>,
+        member: &Member,
+        live: bool,
+        key: Option<MsgKey>,
+        msg: Message,
+    ) -> bool {
         {
             let mut ring = self.lock();
+            let key = match key {
+                None => self.new_key(),
+                Some(key) => {
+                    let capacity = self.hub.config.seen_capacity();
+                    if key.origin == self.hub.origin || !ring.remember(&key, capacity) {
+                        return false;
+                    }
+                    key
+                }
+            };
             let mut cursor = member.cursor.load(Ordering::Relaxed);
             if cursor >= ring.first_seq {
                 let start = (cursor - ring.first_seq) as usize;
@@ -149,25 +247,70 @@ impl Channel {
                 }
             }
             let caught_up = cursor == ring.head();
-            self.push(
-                &mut ring,
-                Entry {
-                    origin: member.id,
-                    live: true,
-                    msg,
-                },
-            );
+            let entry = Entry {
+                from: member.id,
+                live,
+                key,
+                msg,
+            };
+            self.push(&mut ring, entry);
             if caught_up {
                 cursor = ring.head();
             }
             member.cursor.store(cursor, Ordering::Relaxed);
         }
         self.published.notify_waiters();
+        true
     }
 
-    /// Number of members currently joined.
+    /// Stores frames loaded from disk, as history, before anyone joins.
+    pub fn restore(self: &Arc<Self>, entries: impl IntoIterator<Item = (MsgKey, bool, Message)>) {
+        let mut ring = self.lock();
+        let capacity = self.hub.config.seen_capacity();
+        for (key, live, msg) in entries {
+            if ring.remember(&key, capacity) {
+                let config = &self.hub.config;
+                ring.bytes += msg.len();
+                ring.entries.push_back(Entry {
+                    from: 0,
+                    live,
+                    key,
+                    msg,
+                });
+                while ring.entries.len() > config.history_limit || ring.bytes > config.channel_bytes
+                {
+                    let old = ring.entries.pop_front().expect("ring is not empty");
+                    ring.bytes -= old.msg.len();
+                    ring.first_seq += 1;
+                }
+            }
+        }
+        self.head.store(ring.head(), Ordering::Release);
+    }
+
+    /// The last `history_limit` entries, oldest first (for persistence snapshots).
+    pub fn history(&self) -> Vec<Entry> {
+        let ring = self.lock();
+        let skip = ring
+            .entries
+            .len()
+            .saturating_sub(self.hub.config.history_limit);
+        ring.entries.iter().skip(skip).cloned().collect()
+    }
+
+    /// Members currently joined, clients and peers.
     pub fn member_count(&self) -> usize {
         self.lock().members.len()
+    }
+
+    /// Clients (not peer links) currently joined.
+    pub fn client_count(&self) -> usize {
+        self.lock().clients
+    }
+
+    /// How long ago the channel last saw a frame, join or leave.
+    pub fn idle_for(&self) -> Duration {
+        self.lock().last_activity.elapsed()
     }
 
     /// Frames and bytes currently held.
@@ -180,38 +323,79 @@ impl Channel {
 /// All channels of this server.
 pub struct Hub {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
-    next_member: AtomicU64,
-    config: Arc<HubConfig>,
+    shared: Arc<HubShared>,
 }
 
 impl Hub {
-    pub fn new(config: HubConfig) -> Hub {
+    /// A hub whose clients' frames originate at `server_id` (plus a boot epoch, so frames
+    /// from before a restart are told apart from new ones).
+    pub fn new(config: HubConfig, server_id: &str) -> Hub {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
         Hub {
             channels: Mutex::new(HashMap::new()),
-            next_member: AtomicU64::new(1),
-            config: Arc::new(config),
+            shared: Arc::new(HubShared {
+                config,
+                origin: Arc::from(format!("{server_id}#{epoch:x}")),
+                next_seq: AtomicU64::new(0),
+                next_member: AtomicU64::new(1),
+                backplane: OnceLock::new(),
+                recorder: OnceLock::new(),
+            }),
         }
     }
 
     pub fn config(&self) -> &HubConfig {
-        &self.config
+        &self.shared.config
+    }
+
+    /// The origin this server's clients' frames carry.
+    pub fn origin(&self) -> &Arc<str> {
+        &self.shared.origin
+    }
+
+    /// Connects the hub to other servers; set once, before serving.
+    pub fn set_backplane(&self, backplane: Arc<dyn Backplane>) {
+        let _ = self.shared.backplane.set(backplane);
+    }
+
+    /// Sends every stored frame to `recorder`; set once, before serving.
+    pub fn set_recorder(&self, recorder: Arc<dyn Recorder>) {
+        let _ = self.shared.recorder.set(recorder);
     }
 
     fn channels(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Channel>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The channel named `name`, created empty if needed.
+    pub fn channel_or_create(&self, name: &str) -> Arc<Channel> {
+        let mut channels = self.channels();
+        channels
+            .entry(Arc::from(name))
+            .or_insert_with_key(|name| Arc::new(Channel::new(name.clone(), self.shared.clone())))
+            .clone()
+    }
+
     /// Joins `uid` to `channel`. The member's first frames are the channel's history (up
     /// to the history limit), then everything published after this call, minus its own.
-    /// `join_frame` goes into history for later members, but is not sent to current ones.
-    pub fn join(&self, channel: &str, uid: &str, join_frame: Message) -> Result<Member, JoinError> {
-        let id = self.next_member.fetch_add(1, Ordering::Relaxed);
+    /// `join_frame`, if any, goes into history for later members but is not sent live.
+    pub fn join(
+        &self,
+        channel: &str,
+        uid: &str,
+        kind: MemberKind,
+        join_frame: Option<Message>,
+    ) -> Result<Member, JoinError> {
+        let id = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
         // Holding the map lock while joining keeps the expiry sweep from removing a channel
         // between finding it and joining it.
         let mut channels = self.channels();
         let chan = channels
             .entry(Arc::from(channel))
-            .or_insert_with_key(|name| Arc::new(Channel::new(name.clone(), self.config.clone())))
+            .or_insert_with_key(|name| Arc::new(Channel::new(name.clone(), self.shared.clone())))
             .clone();
         let mut ring = chan.lock();
         drop(channels);
@@ -219,56 +403,78 @@ impl Hub {
         if ring.members.contains_key(&uid) {
             return Err(JoinError::DuplicateUid);
         }
-        ring.members.insert(uid.clone(), id);
-        let history = ring.entries.len().min(self.config.history_limit) as u64;
-        let cursor = ring.head() - history;
-        let join_seq = ring.head();
-        // With no history to replay the member starts past its own join frame, caught up.
-        let cursor = if cursor == join_seq {
-            join_seq + 1
-        } else {
-            cursor
+        ring.members.insert(uid.clone(), (id, kind));
+        let first_client = kind == MemberKind::Client && {
+            ring.clients += 1;
+            ring.clients == 1
         };
-        chan.push(
-            &mut ring,
-            Entry {
-                origin: id,
-                live: false,
-                msg: join_frame,
-            },
-        );
-        drop(ring);
-        Ok(Member {
-            channel: chan,
+        let history = ring.entries.len().min(self.shared.config.history_limit) as u64;
+        let join_seq = ring.head();
+        // With no history to replay the member starts caught up.
+        let cursor = join_seq - history;
+        let member = Member {
+            channel: chan.clone(),
             id,
             uid,
+            kind,
             join_seq,
             cursor: AtomicU64::new(cursor),
-        })
+        };
+        if let Some(frame) = join_frame {
+            let key = chan.new_key();
+            let caught_up = history == 0;
+            chan.push(
+                &mut ring,
+                Entry {
+                    from: id,
+                    live: false,
+                    key,
+                    msg: frame,
+                },
+            );
+            if caught_up {
+                member.cursor.store(ring.head(), Ordering::Relaxed);
+            }
+        }
+        drop(ring);
+        if first_client {
+            if let Some(backplane) = self.shared.backplane.get() {
+                backplane.channel_active(&chan);
+            }
+        }
+        Ok(member)
     }
 
     /// Removes channels that have had no members and no traffic for the expiry time.
-    /// Returns how many were removed.
-    pub fn sweep_expired(&self) -> usize {
+    /// Returns the names of those removed.
+    pub fn sweep_expired(&self) -> Vec<Arc<str>> {
         let now = Instant::now();
-        let expiry = self.config.history_expiry;
-        let mut channels = self.channels();
-        let before = channels.len();
-        channels.retain(|_, chan| {
+        let expiry = self.shared.config.history_expiry;
+        let mut removed = Vec::new();
+        self.channels().retain(|name, chan| {
             let ring = chan.lock();
-            !ring.members.is_empty() || now.duration_since(ring.last_activity) < expiry
+            let keep = !ring.members.is_empty() || now.duration_since(ring.last_activity) < expiry;
+            if !keep {
+                removed.push(name.clone());
+            }
+            keep
         });
-        before - channels.len()
+        removed
     }
 
     /// Channels, and frames and bytes held across all of them.
     pub fn stats(&self) -> (usize, usize, usize) {
-        let channels: Vec<Arc<Channel>> = self.channels().values().cloned().collect();
+        let channels = self.all_channels();
         let (frames, bytes) = channels.iter().fold((0, 0), |(f, b), c| {
             let (cf, cb) = c.stored();
             (f + cf, b + cb)
         });
         (channels.len(), frames, bytes)
+    }
+
+    /// Every channel, for snapshots and statistics.
+    pub fn all_channels(&self) -> Vec<Arc<Channel>> {
+        self.channels().values().cloned().collect()
     }
 
     /// A channel by name, if it exists.
@@ -282,7 +488,8 @@ pub struct Member {
     channel: Arc<Channel>,
     id: MemberId,
     uid: Arc<str>,
-    /// Sequence of this member's own join frame: entries before it are history.
+    kind: MemberKind,
+    /// Sequence of this member's join: entries before it are history.
     join_seq: u64,
     /// Next sequence to deliver. Atomic so `&Member` can both publish and fetch; written
     /// only under the channel lock.
@@ -298,19 +505,42 @@ impl Member {
         &self.uid
     }
 
+    pub fn kind(&self) -> MemberKind {
+        self.kind
+    }
+
     pub fn channel(&self) -> &Arc<Channel> {
         &self.channel
     }
 
-    /// Sends a frame to every other member of the channel and into its history.
+    /// Sends a client's frame to every other member of the channel and into its history.
     pub fn publish(&self, msg: Message) {
-        self.channel.publish(self, msg);
+        self.channel.publish(self, true, None, msg);
+    }
+
+    /// Stores a frame relayed from another server, unless a frame with the same key is
+    /// already here (it came by another path) or it originated on this server. Returns
+    /// whether it was stored.
+    pub fn relay(&self, key: MsgKey, live: bool, msg: Message) -> bool {
+        self.channel.publish(self, live, Some(key), msg)
+    }
+
+    /// Stores a frame relayed from a server that carries no keys (plain mles v2), unless
+    /// the same content is already in the channel: the Mles rule for proxies.
+    pub fn relay_by_content(&self, msg: Message) -> bool {
+        {
+            let ring = self.channel.lock();
+            if ring.entries.iter().any(|e| e.msg == msg) {
+                return false;
+            }
+        }
+        self.channel.publish(self, true, None, msg)
     }
 
     /// Whether the entry at `seq` is delivered to this member: not its own, and live or
     /// part of the history it joined to.
     fn wants(&self, entry: &Entry, seq: u64) -> bool {
-        entry.origin != self.id && (entry.live || seq < self.join_seq)
+        entry.from != self.id && (entry.live || seq < self.join_seq)
     }
 
     /// True when frames past this member's cursor are waiting.
@@ -321,6 +551,15 @@ impl Member {
     /// Moves up to `max` pending frames for this member into `out`, in channel order.
     /// Fails when the member fell behind what the channel keeps.
     pub fn fetch(&self, out: &mut Vec<Message>, max: usize) -> Result<(), Lagged> {
+        self.fetch_with(max, |entry| out.push(entry.msg.clone()))
+    }
+
+    /// Like [`Member::fetch`], with each frame's key and liveness (for relaying).
+    pub fn fetch_entries(&self, out: &mut Vec<Entry>, max: usize) -> Result<(), Lagged> {
+        self.fetch_with(max, |entry| out.push(entry.clone()))
+    }
+
+    fn fetch_with(&self, max: usize, mut take: impl FnMut(&Entry)) -> Result<(), Lagged> {
         if !self.has_pending() {
             return Ok(());
         }
@@ -332,7 +571,7 @@ impl Member {
         let start = (cursor - ring.first_seq) as usize;
         for entry in ring.entries.range(start..).take(max) {
             if self.wants(entry, cursor) {
-                out.push(entry.msg.clone());
+                take(entry);
             }
             cursor += 1;
         }
@@ -359,8 +598,11 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         let mut ring = self.channel.lock();
-        if ring.members.get(&self.uid) == Some(&self.id) {
+        if ring.members.get(&self.uid).map(|m| m.0) == Some(self.id) {
             ring.members.remove(&self.uid);
+            if self.kind == MemberKind::Client {
+                ring.clients -= 1;
+            }
         }
         ring.last_activity = Instant::now();
     }
@@ -371,16 +613,29 @@ mod tests {
     use super::*;
 
     fn hub(limit: usize, queue: usize, bytes: usize) -> Hub {
-        Hub::new(HubConfig {
-            history_limit: limit,
-            queue_frames: queue,
-            channel_bytes: bytes,
-            history_expiry: Duration::from_secs(60),
-        })
+        Hub::new(
+            HubConfig {
+                history_limit: limit,
+                queue_frames: queue,
+                channel_bytes: bytes,
+                history_expiry: Duration::from_secs(60),
+            },
+            "test",
+        )
     }
 
     fn text(s: &str) -> Message {
         Message::text(s)
+    }
+
+    fn client(hub: &Hub, channel: &str, uid: &str) -> Member {
+        hub.join(
+            channel,
+            uid,
+            MemberKind::Client,
+            Some(text(&format!("join {uid}"))),
+        )
+        .unwrap()
     }
 
     fn drain(m: &Member) -> Result<Vec<String>, Lagged> {
@@ -395,8 +650,8 @@ mod tests {
     #[test]
     fn members_get_others_frames_but_not_their_own() {
         let hub = hub(10, 10, 1 << 20);
-        let a = hub.join("c", "a", text("join a")).unwrap();
-        let b = hub.join("c", "b", text("join b")).unwrap();
+        let a = client(&hub, "c", "a");
+        let b = client(&hub, "c", "b");
         assert_eq!(drain(&a).unwrap(), Vec::<String>::new());
         assert_eq!(drain(&b).unwrap(), vec!["join a"]);
         a.publish(text("1"));
@@ -408,33 +663,33 @@ mod tests {
     #[test]
     fn history_is_bounded_by_limit_and_replayed_in_order() {
         let hub = hub(3, 10, 1 << 20);
-        let a = hub.join("c", "a", text("join a")).unwrap();
+        let a = client(&hub, "c", "a");
         for i in 0..5 {
             a.publish(text(&i.to_string()));
         }
-        let late = hub.join("c", "late", text("join late")).unwrap();
+        let late = client(&hub, "c", "late");
         assert_eq!(drain(&late).unwrap(), vec!["2", "3", "4"]);
     }
 
     #[test]
     fn duplicate_uid_is_refused_until_the_first_leaves() {
         let hub = hub(3, 10, 1 << 20);
-        let a = hub.join("c", "a", text("j")).unwrap();
+        let a = client(&hub, "c", "a");
         assert_eq!(
-            hub.join("c", "a", text("j")).err(),
+            hub.join("c", "a", MemberKind::Client, None).err(),
             Some(JoinError::DuplicateUid)
         );
-        assert!(hub.join("other", "a", text("j")).is_ok());
+        assert!(hub.join("other", "a", MemberKind::Client, None).is_ok());
         drop(a);
-        assert!(hub.join("c", "a", text("j")).is_ok());
+        assert!(hub.join("c", "a", MemberKind::Client, None).is_ok());
     }
 
     #[test]
     fn a_member_that_falls_behind_lags_and_others_go_on() {
         let hub = hub(2, 4, 1 << 20);
-        let slow = hub.join("c", "slow", text("j")).unwrap();
-        let fast = hub.join("c", "fast", text("j")).unwrap();
-        let publisher = hub.join("c", "p", text("j")).unwrap();
+        let slow = client(&hub, "c", "slow");
+        let fast = client(&hub, "c", "fast");
+        let publisher = client(&hub, "c", "p");
         drain(&fast).unwrap();
         for i in 0..10 {
             publisher.publish(text(&i.to_string()));
@@ -446,17 +701,26 @@ mod tests {
     #[test]
     fn a_member_flooding_the_channel_does_not_lag_on_its_own_frames() {
         let hub = hub(2, 4, 1 << 20);
-        let flooder = hub.join("c", "f", text("j")).unwrap();
+        let other = client(&hub, "c", "other");
+        let flooder = client(&hub, "c", "f");
         for i in 0..100 {
             flooder.publish(text(&i.to_string()));
         }
         assert_eq!(drain(&flooder), Ok(vec![]));
+        drop(other);
     }
 
     #[test]
     fn channel_bytes_bound_the_ring() {
         let hub = hub(100, 100, 10);
-        let a = hub.join("c", "a", Message::binary(vec![0u8; 4])).unwrap();
+        let a = hub
+            .join(
+                "c",
+                "a",
+                MemberKind::Client,
+                Some(Message::binary(vec![0u8; 4])),
+            )
+            .unwrap();
         for _ in 0..10 {
             a.publish(Message::binary(vec![1u8; 4]));
         }
@@ -465,16 +729,68 @@ mod tests {
     }
 
     #[test]
+    fn relayed_frames_are_stored_once_and_own_frames_never_come_back() {
+        let hub = hub(10, 10, 1 << 20);
+        let link_a = hub.join("c", "link-a", MemberKind::Peer, None).unwrap();
+        let link_b = hub.join("c", "link-b", MemberKind::Peer, None).unwrap();
+        let reader = client(&hub, "c", "reader");
+        let key = MsgKey {
+            origin: Arc::from("elsewhere#1"),
+            seq: 7,
+        };
+        assert!(link_a.relay(key.clone(), true, text("x")));
+        assert!(
+            !link_b.relay(key, true, text("x")),
+            "second path stored it again"
+        );
+        let own = MsgKey {
+            origin: hub.origin().clone(),
+            seq: 0,
+        };
+        assert!(!link_a.relay(own, true, text("echo")));
+        assert_eq!(drain(&reader).unwrap(), vec!["x"]);
+        let mut relayed = Vec::new();
+        link_b.fetch_entries(&mut relayed, 100).unwrap();
+        // link-b gets the relayed frame (not from itself) and the reader's join frame as
+        // history-only is not live for it (it joined before).
+        assert_eq!(relayed.len(), 1);
+        assert_eq!(relayed[0].key.seq, 7);
+    }
+
+    #[test]
+    fn only_clients_make_a_channel_active() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Backplane for Count {
+            fn channel_active(&self, _: &Arc<Channel>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let hub = hub(10, 10, 1 << 20);
+        let count = Arc::new(Count(Default::default()));
+        hub.set_backplane(count.clone());
+        let _peer = hub.join("c", "peer", MemberKind::Peer, None).unwrap();
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
+        let a = client(&hub, "c", "a");
+        let _b = client(&hub, "c", "b");
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert_eq!(hub.channel("c").unwrap().client_count(), 1);
+    }
+
+    #[test]
     fn idle_channels_expire_but_joined_ones_stay() {
-        let hub = Hub::new(HubConfig {
-            history_limit: 5,
-            queue_frames: 5,
-            channel_bytes: 1000,
-            history_expiry: Duration::ZERO,
-        });
-        let kept = hub.join("kept", "a", text("j")).unwrap();
-        drop(hub.join("gone", "a", text("j")).unwrap());
-        assert_eq!(hub.sweep_expired(), 1);
+        let hub = Hub::new(
+            HubConfig {
+                history_limit: 5,
+                queue_frames: 5,
+                channel_bytes: 1000,
+                history_expiry: Duration::ZERO,
+            },
+            "t",
+        );
+        let kept = client(&hub, "kept", "a");
+        drop(client(&hub, "gone", "a"));
+        assert_eq!(hub.sweep_expired(), vec![Arc::from("gone")]);
         assert!(hub.channel("gone").is_none());
         assert_eq!(kept.channel().name(), "kept");
         assert!(hub.channel("kept").is_some());

@@ -1,6 +1,7 @@
 //! The Mles v2 wire protocol without I/O: the `mles-websocket` subprotocol name, the join
-//! (first) frame and its validation, the SipHash auth token, and the close codes the server
-//! sends. Pure functions, unit-tested here.
+//! (first) frame and its validation, the SipHash auth token, the close codes the server
+//! sends, and the envelope that links between two servers of this kind carry each frame
+//! in. Pure functions, unit-tested here.
 
 use siphasher::sip::SipHasher;
 use std::hash::Hasher;
@@ -138,9 +139,119 @@ pub fn verify_auth(join: &Join, key: Option<&str>) -> Result<(), JoinError> {
     }
 }
 
+/// Request header a server sends when it opens a peer link, and the response header a
+/// server of this kind answers with: both then wrap every frame in an [`Envelope`]. A plain
+/// mles v2 server ignores the header and the link carries bare frames.
+pub const PEER_HEADER: &str = "x-mles-peer";
+
+/// Version of the envelope format carried in [`PEER_HEADER`].
+pub const PEER_VERSION: &str = "1";
+
+const ENVELOPE_MAGIC: &[u8; 4] = b"MLP1";
+
+/// What an envelope carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeKind {
+    Text = 0,
+    Binary = 1,
+    /// A join frame: history only, never delivered live.
+    Join = 2,
+}
+
+/// One frame on a link between servers: its identity (origin server and number), whether
+/// it is live or history-only, and its payload. Encoded as a binary WebSocket frame:
+/// `"MLP1" kind:u8 origin_len:u8 origin seq:u64be payload`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    pub kind: EnvelopeKind,
+    pub origin: &'a str,
+    pub seq: u64,
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed peer envelope")]
+pub struct BadEnvelope;
+
+impl Envelope<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        let origin = &self.origin.as_bytes()[..self.origin.len().min(255)];
+        let mut out = Vec::with_capacity(4 + 2 + origin.len() + 8 + self.payload.len());
+        out.extend_from_slice(ENVELOPE_MAGIC);
+        out.push(self.kind as u8);
+        out.push(origin.len() as u8);
+        out.extend_from_slice(origin);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(self.payload);
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Envelope<'_>, BadEnvelope> {
+        let rest = data.strip_prefix(ENVELOPE_MAGIC).ok_or(BadEnvelope)?;
+        let (&kind, rest) = rest.split_first().ok_or(BadEnvelope)?;
+        let kind = match kind {
+            0 => EnvelopeKind::Text,
+            1 => EnvelopeKind::Binary,
+            2 => EnvelopeKind::Join,
+            _ => return Err(BadEnvelope),
+        };
+        let (&len, rest) = rest.split_first().ok_or(BadEnvelope)?;
+        let len = len as usize;
+        if rest.len() < len + 8 || len == 0 {
+            return Err(BadEnvelope);
+        }
+        let origin = std::str::from_utf8(&rest[..len]).map_err(|_| BadEnvelope)?;
+        let seq = u64::from_be_bytes(rest[len..len + 8].try_into().expect("8 bytes"));
+        let payload = &rest[len + 8..];
+        if kind != EnvelopeKind::Binary && std::str::from_utf8(payload).is_err() {
+            return Err(BadEnvelope);
+        }
+        Ok(Envelope {
+            kind,
+            origin,
+            seq,
+            payload,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelopes_round_trip_and_garbage_is_refused() {
+        let e = Envelope {
+            kind: EnvelopeKind::Text,
+            origin: "alpha#1f",
+            seq: 42,
+            payload: "héllo".as_bytes(),
+        };
+        let bytes = e.encode();
+        assert_eq!(Envelope::decode(&bytes), Ok(e));
+        let join = Envelope {
+            kind: EnvelopeKind::Join,
+            origin: "b",
+            seq: 0,
+            payload: b"",
+        };
+        assert_eq!(Envelope::decode(&join.encode()), Ok(join));
+        assert_eq!(Envelope::decode(b"MLP1"), Err(BadEnvelope));
+        assert_eq!(
+            Envelope::decode(b"hello world, not an envelope"),
+            Err(BadEnvelope)
+        );
+        let mut bad_text = Envelope {
+            kind: EnvelopeKind::Text,
+            origin: "a",
+            seq: 1,
+            payload: &[0xff],
+        }
+        .encode();
+        assert_eq!(Envelope::decode(&bad_text), Err(BadEnvelope));
+        bad_text[4] = 9;
+        assert_eq!(Envelope::decode(&bad_text), Err(BadEnvelope));
+    }
 
     #[test]
     fn parses_a_minimal_join() {

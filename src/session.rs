@@ -20,8 +20,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::Member;
-use crate::protocol::{self, close};
+use crate::hub::{Entry, Member, MemberKind, MsgKey};
+use crate::protocol::{self, close, Envelope, EnvelopeKind};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 
@@ -58,15 +58,27 @@ impl SessionConfig {
     }
 }
 
+/// How a connection's frames map to the hub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// An Mles client: bare frames.
+    Client,
+    /// A server of this kind: every frame in an envelope carrying its key.
+    PeerEnvelope,
+    /// A plain mles v2 server linked as a client: bare frames, de-duplicated by content.
+    PeerPlain,
+}
+
 /// How a session ended; decides the close frame sent.
 #[derive(Debug)]
-enum End {
+pub enum End {
     ClientClosed,
     Disconnected,
     Shutdown,
     TooBig,
     SlowConsumer(&'static str),
     Unresponsive,
+    BadEnvelope,
     Error(WsError),
 }
 
@@ -77,14 +89,20 @@ impl End {
             End::TooBig => Some((close::TOO_BIG, "message too big")),
             End::SlowConsumer(why) => Some((close::TRY_AGAIN_LATER, why)),
             End::Unresponsive => Some((close::POLICY, "no answer to pings")),
+            End::BadEnvelope => Some((close::POLICY, "malformed peer envelope")),
             End::ClientClosed | End::Disconnected | End::Error(_) => None,
         }
     }
 }
 
-/// Runs one upgraded connection until it ends.
-pub async fn run<S>(mut ws: WebSocketStream<S>, shared: Arc<Shared>, mut shutdown: Shutdown)
-where
+/// Runs one upgraded connection until it ends. `peer` is set when the client is a server
+/// of this kind that asked for enveloped frames.
+pub async fn run<S>(
+    mut ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    mut shutdown: Shutdown,
+    peer: bool,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let config = &shared.config.session;
@@ -117,11 +135,17 @@ where
             return;
         }
     };
-    let member = match shared.hub.join(
-        &join.channel,
-        &join.uid,
-        Message::text(join.history_frame.clone()),
-    ) {
+    // A peer link's join is plumbing, not a person: it stays out of history.
+    let (kind, mode, join_frame) = if peer {
+        (MemberKind::Peer, Mode::PeerEnvelope, None)
+    } else {
+        (
+            MemberKind::Client,
+            Mode::Client,
+            Some(Message::text(join.history_frame.clone())),
+        )
+    };
+    let member = match shared.hub.join(&join.channel, &join.uid, kind, join_frame) {
         Ok(member) => member,
         Err(e) => {
             shared.metrics.bad_first_frame("duplicate_uid");
@@ -131,7 +155,7 @@ where
     };
     shared.metrics.joins.inc();
     debug!("{} joined {}", join.uid, join.channel);
-    let end = serve_member(ws, &member, &shared, shutdown).await;
+    let end = serve_member(ws, &member, &shared, shutdown, mode).await;
     match &end {
         End::SlowConsumer(_) => {
             shared.metrics.slow_consumers.inc();
@@ -188,11 +212,15 @@ where
     }
 }
 
-async fn serve_member<S>(
+/// Pumps frames between a joined connection and its channel until either side ends,
+/// then sends the close frame that says why. Used for clients, for peers that connect to
+/// this server, and for this server's own links to peers.
+pub async fn serve_member<S>(
     ws: WebSocketStream<S>,
     member: &Member,
     shared: &Shared,
     mut shutdown: Shutdown,
+    mode: Mode,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -201,8 +229,8 @@ where
     let clock = Clock::new();
     let config = &shared.config.session;
     let end = tokio::select! {
-        end = read_frames(&mut stream, member, shared, &clock) => end,
-        end = write_frames(&mut sink, member, shared, &clock) => end,
+        end = read_frames(&mut stream, member, shared, &clock, mode) => end,
+        end = write_frames(&mut sink, member, shared, &clock, mode) => end,
         end = watch_liveness(config, &clock) => end,
         _ = shutdown.recv() => End::Shutdown,
     };
@@ -246,6 +274,7 @@ async fn read_frames<S>(
     member: &Member,
     shared: &Shared,
     clock: &Clock,
+    mode: Mode,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -256,7 +285,18 @@ where
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
                 shared.metrics.messages_in.inc();
                 shared.metrics.bytes_in.inc_by(msg.len() as u64);
-                member.publish(msg);
+                match mode {
+                    Mode::Client => member.publish(msg),
+                    Mode::PeerPlain => {
+                        member.relay_by_content(msg);
+                    }
+                    Mode::PeerEnvelope => {
+                        let Some((key, live, msg)) = open_envelope(&msg) else {
+                            return End::BadEnvelope;
+                        };
+                        member.relay(key, live, msg);
+                    }
+                }
                 if member.has_pending() {
                     // Frames for this member are waiting: let the writer run before
                     // reading more, so a busy publisher still drains its own queue.
@@ -276,11 +316,79 @@ where
     End::Disconnected
 }
 
+/// The key, liveness and frame inside a peer's envelope.
+fn open_envelope(msg: &Message) -> Option<(MsgKey, bool, Message)> {
+    let Message::Binary(data) = msg else {
+        return None;
+    };
+    let envelope = Envelope::decode(data).ok()?;
+    let key = MsgKey {
+        origin: Arc::from(envelope.origin),
+        seq: envelope.seq,
+    };
+    let payload = data.slice_ref(envelope.payload);
+    let msg = match envelope.kind {
+        EnvelopeKind::Binary => Message::Binary(payload),
+        // decode checked the text is UTF-8
+        EnvelopeKind::Text | EnvelopeKind::Join => Message::Text(payload.try_into().ok()?),
+    };
+    Some((key, envelope.kind != EnvelopeKind::Join, msg))
+}
+
+/// A stored entry as a peer link carries it.
+fn seal_envelope(entry: &Entry) -> Message {
+    let (kind, payload): (EnvelopeKind, &[u8]) = match &entry.msg {
+        Message::Text(t) if entry.live => (EnvelopeKind::Text, t.as_bytes()),
+        Message::Text(t) => (EnvelopeKind::Join, t.as_bytes()),
+        other => (EnvelopeKind::Binary, other_bytes(other)),
+    };
+    Message::binary(
+        Envelope {
+            kind,
+            origin: &entry.key.origin,
+            seq: entry.key.seq,
+            payload,
+        }
+        .encode(),
+    )
+}
+
+fn other_bytes(msg: &Message) -> &[u8] {
+    match msg {
+        Message::Binary(b) => b,
+        _ => &[],
+    }
+}
+
+/// Takes the frames pending for `member` as they go out on a connection of `mode`.
+fn fetch_for(
+    member: &Member,
+    mode: Mode,
+    out: &mut Vec<Message>,
+    entries: &mut Vec<Entry>,
+) -> Result<(), crate::hub::Lagged> {
+    match mode {
+        Mode::Client => member.fetch(out, FETCH_BATCH),
+        Mode::PeerEnvelope => {
+            member.fetch_entries(entries, FETCH_BATCH)?;
+            out.extend(entries.drain(..).map(|e| seal_envelope(&e)));
+            Ok(())
+        }
+        Mode::PeerPlain => {
+            member.fetch_entries(entries, FETCH_BATCH)?;
+            // A plain server has no place for other members' join frames.
+            out.extend(entries.drain(..).filter(|e| e.live).map(|e| e.msg));
+            Ok(())
+        }
+    }
+}
+
 async fn write_frames<S>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     member: &Member,
     shared: &Shared,
     clock: &Clock,
+    mode: Mode,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -290,12 +398,13 @@ where
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut batch = Vec::new();
+    let mut entries = Vec::new();
     loop {
         // Feed everything the channel has for us, then flush once: one write syscall
         // carries as many frames as arrived while the last one was in flight.
         let mut fed = false;
         loop {
-            if member.fetch(&mut batch, FETCH_BATCH).is_err() {
+            if fetch_for(member, mode, &mut batch, &mut entries).is_err() {
                 return End::SlowConsumer("too slow: fell behind the channel");
             }
             if batch.is_empty() {

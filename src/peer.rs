@@ -1,0 +1,324 @@
+//! Peer links: this server as a client of other Mles servers, so a channel spans them.
+//!
+//! When a channel gets its first client here, a link task starts for each `--peer`. The
+//! link joins the peer's channel like any client (uid = this server's id, auth from the
+//! shared key) and joins the local channel as a [`MemberKind::Peer`] member; then
+//! [`session::serve_member`] pumps frames both ways. Joining replays each side's history
+//! to the other, so after every (re)connect both hold the union of their histories, and
+//! the frame keys ([`crate::hub::MsgKey`]) make every frame stored and delivered once
+//! however many paths (cycles, mutual links) bring it.
+//!
+//! With a peer of this kind, frames travel in envelopes carrying their keys. A peer that
+//! does not answer the envelope header (plain mles v2) gets bare frames, and frames from it
+//! are de-duplicated by content, as the Mles protocol asks of proxies; such links suit tree
+//! topologies only.
+//!
+//! A link reconnects with capped exponential backoff and jitter, and closes once its
+//! channel has had no local clients for the grace period. Links never block local
+//! delivery: they are members like any other, with the same lag limits.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Uri};
+use log::{debug, info, warn};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::hub::{Backplane, Channel, MemberKind};
+use crate::protocol::{self, PEER_HEADER, PEER_VERSION, SUBPROTOCOL};
+use crate::server::Shared;
+use crate::session::{self, Mode};
+use crate::shutdown;
+use crate::tls::BoxedIo;
+use crate::Error;
+
+/// How long connecting (TCP, TLS, upgrade) to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Peer settings, validated.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub urls: Vec<Uri>,
+    /// Extra CA certificates (PEM) to trust for `wss://` peers.
+    pub ca: Option<std::path::PathBuf>,
+    /// How long a link stays up after its channel's last local client left.
+    pub grace: Duration,
+}
+
+/// Parses and checks a `ws://` or `wss://` peer URL.
+pub fn parse_url(url: &str) -> Result<Uri, Error> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| Error::Config(format!("peer URL '{url}': {e}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("ws" | "wss"), Some(_)) => Ok(uri),
+        _ => Err(Error::Config(format!(
+            "peer URL '{url}' must be ws://host[:port]/ or wss://host[:port]/"
+        ))),
+    }
+}
+
+/// The links of this server: one task per (channel, peer) while the channel is active.
+pub struct Peers {
+    shared: Weak<Shared>,
+    config: PeerConfig,
+    tls: TlsConnector,
+    running: Mutex<HashSet<(Arc<str>, usize)>>,
+}
+
+impl Peers {
+    pub fn new(shared: Weak<Shared>, config: PeerConfig) -> Result<Arc<Peers>, Error> {
+        let tls = TlsConnector::from(Arc::new(client_tls(config.ca.as_deref())?));
+        Ok(Arc::new(Peers {
+            shared,
+            config,
+            tls,
+            running: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<(Arc<str>, usize)>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Roots for `wss://` peers: the public web PKI plus `--peer-ca`.
+fn client_tls(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = ca {
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::Tls(format!("reading peer CA '{}': {e}", ca.display())))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| Error::Tls(format!("peer CA '{}': {e}", ca.display())))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl Backplane for Arc<Peers> {
+    fn channel_active(&self, channel: &Arc<Channel>) {
+        for index in 0..self.config.urls.len() {
+            let key = (Arc::from(channel.name()), index);
+            if !self.running().insert(key.clone()) {
+                continue;
+            }
+            let peers = self.clone();
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                if let Some(shared) = peers.shared.upgrade() {
+                    run_link(&peers, &shared, &channel, index).await;
+                }
+                peers.running().remove(&key);
+                // A client may have joined just as the link gave up.
+                if channel.client_count() > 0 {
+                    peers.channel_active(&channel);
+                }
+            });
+        }
+    }
+}
+
+/// Keeps one link up while its channel has local clients (or did within the grace period).
+async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, index: usize) {
+    let url = &peers.config.urls[index];
+    let mut shutdown = shared.shutdown.clone();
+    let mut backoff = Backoff::default();
+    loop {
+        if shutdown.is_shutdown() || inactive(channel, peers.config.grace) {
+            return;
+        }
+        match connect(peers, shared, url, channel.name()).await {
+            Ok((ws, envelopes)) => {
+                let uid = format!("\u{1}peer {url}");
+                let member = match shared
+                    .hub
+                    .join(channel.name(), &uid, MemberKind::Peer, None)
+                {
+                    Ok(member) => member,
+                    Err(e) => {
+                        warn!("link to {url} for {}: {e}", channel.name());
+                        return;
+                    }
+                };
+                let mode = if envelopes {
+                    Mode::PeerEnvelope
+                } else {
+                    Mode::PeerPlain
+                };
+                info!("link to {url} for channel {} up ({mode:?})", channel.name());
+                shared.metrics.peer_links_up.inc();
+                let started = Instant::now();
+                let (stop, link_shutdown) = shutdown::channel();
+                let serve = session::serve_member(ws, &member, shared, link_shutdown, mode);
+                tokio::pin!(serve);
+                let end = tokio::select! {
+                    end = &mut serve => end,
+                    _ = async {
+                        tokio::select! {
+                            _ = shutdown.recv() => {}
+                            _ = wait_inactive(channel, peers.config.grace) => {}
+                        }
+                    } => {
+                        stop.fire();
+                        serve.await
+                    }
+                };
+                shared.metrics.peer_links_up.dec();
+                info!("link to {url} for channel {} down: {end:?}", channel.name());
+                if started.elapsed() > BACKOFF_CAP {
+                    backoff = Backoff::default();
+                }
+            }
+            Err(e) => {
+                shared.metrics.peer_link_failures.inc();
+                debug!("link to {url} for channel {}: {e}", channel.name());
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.recv() => return,
+        }
+    }
+}
+
+/// True once the channel has had no local clients for `grace`.
+fn inactive(channel: &Channel, grace: Duration) -> bool {
+    channel.client_count() == 0 && channel.idle_for() >= grace
+}
+
+async fn wait_inactive(channel: &Channel, grace: Duration) {
+    let step = (grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        if inactive(channel, grace) {
+            return;
+        }
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// Opens the WebSocket to a peer and sends the join frame. Returns the socket and whether
+/// the peer speaks envelopes.
+async fn connect(
+    peers: &Peers,
+    shared: &Shared,
+    url: &Uri,
+    channel: &str,
+) -> Result<(WebSocketStream<BoxedIo>, bool), String> {
+    let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+    let tls = url.scheme_str() == Some("wss");
+    let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let connecting = async {
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let io: BoxedIo = if tls {
+            let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+            Box::pin(
+                peers
+                    .tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            Box::pin(tcp)
+        };
+        let mut request = url
+            .to_string()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        let headers = request.headers_mut();
+        headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+        headers.insert(PEER_HEADER, HeaderValue::from_static(PEER_VERSION));
+        let ws_config = shared.config.session.websocket_config();
+        tokio_tungstenite::client_async_with_config(request, io, Some(ws_config))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let (mut ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| "connect timed out".to_string())??;
+    let envelopes = response
+        .headers()
+        .get(PEER_HEADER)
+        .map(HeaderValue::as_bytes)
+        == Some(PEER_VERSION.as_bytes());
+    let uid = &shared.config.server_id;
+    let auth = protocol::auth_token(uid, channel, shared.config.key.as_deref());
+    let join = serde_json::json!({"uid": uid, "channel": channel, "auth": auth});
+    futures::SinkExt::send(&mut ws, Message::text(join.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((ws, envelopes))
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = BACKOFF_START
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(BACKOFF_CAP);
+        self.attempt += 1;
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        // Half fixed, half random: spreads reconnects without collapsing to zero.
+        ceiling / 2 + ceiling.mul_f64((random % 1000) as f64 / 2000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first >= BACKOFF_START / 2 && first <= BACKOFF_START);
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= BACKOFF_CAP);
+        }
+        assert!(last >= BACKOFF_CAP / 2);
+    }
+
+    #[test]
+    fn peer_urls_must_be_websocket_urls() {
+        assert!(parse_url("ws://127.0.0.1:8080/").is_ok());
+        assert!(parse_url("wss://example.org").is_ok());
+        assert!(parse_url("http://example.org").is_err());
+        assert!(parse_url("example.org").is_err());
+    }
+}

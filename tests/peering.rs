@@ -1,0 +1,224 @@
+//! Peering: servers linked as clients of each other share channels and their history,
+//! and every member receives every other member's frame exactly once, in any topology.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Loopback ports picked up front, so servers can name each other before they start.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+async fn peer_server(id: &str, port: u16, peers: &[u16], plain: bool) -> TestServer {
+    let id = id.to_string();
+    let urls: Vec<_> = peers
+        .iter()
+        .map(|p| mles::peer::parse_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
+        .collect();
+    start_with(move |c| {
+        c.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        c.server_id = id;
+        c.peers.urls = urls;
+        c.peers.grace = Duration::from_secs(1);
+        c.peer_envelopes = !plain;
+    })
+    .await
+}
+
+/// Reads frames until `want` data frames (not join frames) arrived, then checks that no
+/// more come; returns how often each was seen.
+async fn collect(ws: &mut Ws, want: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    let mut data = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while data < want {
+        let msg = tokio::time::timeout_at(deadline, recv(ws))
+            .await
+            .unwrap_or_else(|_| panic!("only {data} of {want} frames arrived: {seen:?}"));
+        let text = msg.into_text().unwrap().to_string();
+        if text.starts_with('{') {
+            continue; // join frames from history
+        }
+        *seen.entry(text).or_insert(0) += 1;
+        data += 1;
+    }
+    // Duplicates would arrive right behind.
+    let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(msg) = tokio::time::timeout_at(quiet, recv(ws)).await {
+        let text = msg.into_text().unwrap().to_string();
+        if !text.starts_with('{') {
+            *seen.entry(text).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+/// Each client publishes `per` numbered frames; every client must get every other
+/// client's frames exactly once.
+async fn everyone_gets_everything_once(clients: &mut [(String, Ws)], per: usize) {
+    for (name, ws) in clients.iter_mut() {
+        for i in 0..per {
+            send_text(ws, &format!("{name}:{i}")).await;
+        }
+    }
+    let names: Vec<String> = clients.iter().map(|(n, _)| n.clone()).collect();
+    for (name, ws) in clients.iter_mut() {
+        let expected: HashMap<String, usize> = names
+            .iter()
+            .filter(|n| *n != name)
+            .flat_map(|n| (0..per).map(move |i| (format!("{n}:{i}"), 1)))
+            .collect();
+        let got = collect(ws, expected.len()).await;
+        assert_eq!(got, expected, "{name} did not get every frame exactly once");
+    }
+}
+
+/// Joins one client per server and waits until every server's links are up.
+async fn clients_on(servers: &[&TestServer], channel: &str, links: i64) -> Vec<(String, Ws)> {
+    let mut clients = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        clients.push((
+            format!("c{i}"),
+            join(s.addr, &format!("c{i}"), channel).await,
+        ));
+    }
+    let total = || {
+        servers
+            .iter()
+            .map(|s| s.shared.metrics.peer_links_up.get())
+            .sum::<i64>()
+    };
+    eventually("links up", || total() == links).await;
+    clients
+}
+
+#[tokio::test]
+async fn a_chain_of_three_servers_delivers_every_frame_exactly_once() {
+    let [a, b, c] = free_ports::<3>();
+    let sa = peer_server("a", a, &[b], false).await;
+    let sb = peer_server("b", b, &[c], false).await;
+    let sc = peer_server("c", c, &[], false).await;
+    let mut clients = clients_on(&[&sa, &sb, &sc], "chain", 2).await;
+    everyone_gets_everything_once(&mut clients, 50).await;
+}
+
+#[tokio::test]
+async fn a_mutual_pair_delivers_every_frame_exactly_once() {
+    let [a, b] = free_ports::<2>();
+    let sa = peer_server("a", a, &[b], false).await;
+    let sb = peer_server("b", b, &[a], false).await;
+    let mut clients = clients_on(&[&sa, &sb], "pair", 2).await;
+    everyone_gets_everything_once(&mut clients, 100).await;
+}
+
+#[tokio::test]
+async fn a_triangle_delivers_every_frame_exactly_once() {
+    let [a, b, c] = free_ports::<3>();
+    let sa = peer_server("a", a, &[b, c], false).await;
+    let sb = peer_server("b", b, &[a, c], false).await;
+    let sc = peer_server("c", c, &[a, b], false).await;
+    let mut clients = clients_on(&[&sa, &sb, &sc], "tri", 6).await;
+    // A second client on one server too: local and remote delivery mixed.
+    let extra = join(sa.addr, "extra", "tri").await;
+    clients.push(("extra".into(), extra));
+    everyone_gets_everything_once(&mut clients, 40).await;
+}
+
+#[tokio::test]
+async fn identical_payloads_sent_twice_are_both_delivered_across_servers() {
+    let [a, b, c] = free_ports::<3>();
+    let sa = peer_server("a", a, &[b, c], false).await;
+    let sb = peer_server("b", b, &[a, c], false).await;
+    let sc = peer_server("c", c, &[a, b], false).await;
+    let mut clients = clients_on(&[&sa, &sb, &sc], "same", 6).await;
+    send_text(&mut clients[0].1, "same").await;
+    send_text(&mut clients[0].1, "same").await;
+    for (_, ws) in clients.iter_mut().skip(1) {
+        let got = collect(ws, 2).await;
+        assert_eq!(got.get("same"), Some(&2));
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_server_gets_its_channel_history_back_from_its_peer() {
+    let [a, b] = free_ports::<2>();
+    let sa = peer_server("a", a, &[b], false).await;
+    let sb = peer_server("b", b, &[a], false).await;
+    let mut clients = clients_on(&[&sa, &sb], "keep", 2).await;
+    for i in 0..10 {
+        send_text(&mut clients[0].1, &format!("before restart {i}")).await;
+    }
+    assert_eq!(collect(&mut clients[1].1, 10).await.len(), 10);
+    drop(clients);
+    sb.stop().await;
+
+    // A fresh b, empty memory, same address and identity.
+    let sb = peer_server("b", b, &[a], false).await;
+    let mut first = join(sb.addr, "first", "keep").await;
+    let shared = sb.shared.clone();
+    eventually("history back on b", || {
+        shared
+            .hub
+            .channel("keep")
+            .map(|c| c.stored().0 >= 10)
+            .unwrap_or(false)
+    })
+    .await;
+    drop(first.close(None).await);
+    let mut late = join(sb.addr, "late", "keep").await;
+    let got = collect(&mut late, 10).await;
+    let expected: HashMap<String, usize> = (0..10)
+        .map(|i| (format!("before restart {i}"), 1))
+        .collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn a_peer_that_is_down_at_start_is_linked_when_it_comes_up() {
+    let [a, b] = free_ports::<2>();
+    let sa = peer_server("a", a, &[b], false).await;
+    let mut early = join(sa.addr, "early", "late-peer").await;
+    send_text(&mut early, "sent while b was down").await;
+    let shared = sa.shared.clone();
+    eventually("a failed to reach b", || {
+        shared.metrics.peer_link_failures.get() >= 1
+    })
+    .await;
+    let sb = peer_server("b", b, &[], false).await;
+    let mut on_b = join(sb.addr, "on-b", "late-peer").await;
+    let got = collect(&mut on_b, 1).await;
+    assert_eq!(got.get("sent while b was down"), Some(&1));
+    send_text(&mut on_b, "reply").await;
+    assert_eq!(collect(&mut early, 1).await.get("reply"), Some(&1));
+}
+
+#[tokio::test]
+async fn a_link_to_a_plain_mles_v2_server_works_as_an_ordinary_client() {
+    let [a, b] = free_ports::<2>();
+    let sa = peer_server("a", a, &[b], false).await;
+    let sb = peer_server("b", b, &[], true).await; // answers like mles v2: no envelopes
+    let mut clients = clients_on(&[&sa, &sb], "tree", 1).await;
+    everyone_gets_everything_once(&mut clients, 30).await;
+}
+
+#[tokio::test]
+async fn links_close_after_the_grace_period_when_no_local_client_is_left() {
+    let [a, b] = free_ports::<2>();
+    let sa = peer_server("a", a, &[b], false).await;
+    let sb = peer_server("b", b, &[], false).await;
+    let clients = clients_on(&[&sa], "brief", 1).await;
+    drop(clients);
+    let shared = sa.shared.clone();
+    eventually("link closed", || shared.metrics.peer_links_up.get() == 0).await;
+    let shared_b = sb.shared.clone();
+    eventually("peer member left b", || {
+        shared_b.hub.channel("brief").map(|c| c.member_count()) == Some(0)
+    })
+    .await;
+}

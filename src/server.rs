@@ -1,5 +1,7 @@
 //! The server: binds its listeners, accepts connections under a connection limit, runs
-//! TLS and HTTP on each, and shuts everything down gracefully on request.
+//! TLS and HTTP on each, and shuts everything down gracefully on request. SIGHUP re-reads
+//! certificate files; the optional redirect listener sends plain HTTP requests for the
+//! configured domains to HTTPS.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,13 +14,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, error, info, warn};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::http::{self, Handler};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::tls::Acceptor;
+use crate::tls::{self, Acceptor};
 use crate::Error;
 
 /// How long shutdown waits for connections to close before exiting anyway.
@@ -30,6 +33,7 @@ pub struct Shared {
     pub hub: Hub,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
+    acceptor: Arc<Acceptor>,
 }
 
 impl Shared {
@@ -40,11 +44,25 @@ impl Shared {
         self.metrics.history_frames.set(frames as i64);
         self.metrics.history_bytes.set(bytes as i64);
     }
+
+    /// Re-reads the --cert/--key files for new handshakes (what SIGHUP does); connections
+    /// already open keep their certificate. Ok(false) when there are no files to read. On
+    /// error the current certificate stays in use.
+    pub fn reload_certificates(&self) -> Result<bool, Error> {
+        let result = self.acceptor.reload();
+        match &result {
+            Ok(true) => info!("certificate files reloaded"),
+            Ok(false) => info!("no certificate files to reload"),
+            Err(e) => warn!("certificate reload failed, keeping the current certificate: {e}"),
+        }
+        result
+    }
 }
 
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
+    redirect: Option<TcpListener>,
     shared: Arc<Shared>,
     acceptor: Arc<Acceptor>,
     trigger: Trigger,
@@ -58,6 +76,14 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Bind(config.listen, e))?;
+        let redirect = match config.redirect {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::Bind(addr, e))?,
+            ),
+            None => None,
+        };
         let (trigger, shutdown) = shutdown::channel();
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let shared = Arc::new(Shared {
@@ -65,9 +91,11 @@ impl Server {
             metrics: Metrics::new(),
             config,
             shutdown,
+            acceptor: acceptor.clone(),
         });
         Ok(Server {
             listener,
+            redirect,
             shared,
             acceptor,
             trigger,
@@ -82,6 +110,13 @@ impl Server {
             .expect("bound listener has an address")
     }
 
+    /// The address the HTTP-to-HTTPS redirect listener is bound to, if there is one.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
     /// State shared with connections, for inspection by tests and embedders.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
@@ -92,6 +127,7 @@ impl Server {
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
             listener,
+            redirect,
             shared,
             acceptor,
             trigger,
@@ -104,7 +140,25 @@ impl Server {
             if acceptor.is_tls() { "TLS" } else { "plain" },
             shared.config.domains
         );
+        // Installed before anything is served, so a SIGHUP never meets the default action.
+        let reloader = reload_on_hangup(shared.clone())?;
         let sweeper = tokio::spawn(sweep_expired(shared.clone()));
+        let redirector = match redirect {
+            Some(redirect) => {
+                let https_port = listener.local_addr().map_err(Error::Io)?.port();
+                info!(
+                    "redirecting HTTP on {} to HTTPS",
+                    redirect.local_addr().map_err(Error::Io)?
+                );
+                Some(tokio::spawn(redirect_loop(
+                    redirect,
+                    https_port,
+                    shared.clone(),
+                    connections.clone(),
+                )))
+            }
+            None => None,
+        };
         let accept = accept_loop(&listener, &shared, &acceptor, &handler, &connections);
         tokio::select! {
             _ = accept => {}
@@ -112,6 +166,14 @@ impl Server {
         }
         trigger.fire();
         sweeper.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
+        if let Some(redirector) = redirector {
+            redirector.abort();
+            let _ = redirector.await; // the redirect listener is closed from here on
+        }
+        acceptor.stop();
         drop(listener);
         let all = shared.config.max_connections as u32;
         match tokio::time::timeout(SHUTDOWN_GRACE, connections.acquire_many(all)).await {
@@ -170,6 +232,10 @@ async fn serve_connection(
     let timeout = shared.config.handshake_timeout;
     let io = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(io)) => io,
+        Ok(Err(e)) if tls::challenge_answered(&e) => {
+            metrics.connections_open.dec();
+            return;
+        }
         Ok(Err(e)) => {
             metrics.tls_handshake_failures.inc();
             debug!("{peer}: TLS handshake failed: {e}");
@@ -215,6 +281,122 @@ async fn serve_connection(
         }
     }
     metrics.connections_open.dec();
+}
+
+/// Listens for SIGHUP and reloads certificate files on each (Unix only).
+fn reload_on_hangup(shared: Arc<Shared>) -> Result<Option<JoinHandle<()>>, Error> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = signal(SignalKind::hangup()).map_err(Error::Io)?;
+        Ok(Some(tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                info!("SIGHUP: reloading certificate files");
+                let _ = shared.reload_certificates();
+            }
+        })))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = shared;
+        Ok(None)
+    }
+}
+
+/// Accepts plain HTTP connections on the redirect listener, under the same connection
+/// limit and header timeout as the main listener.
+async fn redirect_loop(
+    listener: TcpListener,
+    https_port: u16,
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                error!("redirect accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            shared.metrics.refused("max_connections");
+            debug!("refused {peer} on the redirect port: connection limit reached");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut shutdown = shared.shutdown.clone();
+            let service = {
+                let shared = shared.clone();
+                service_fn(move |req| {
+                    let response = redirect_response(&shared.config.domains, https_port, &req);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                })
+            };
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.config.handshake_timeout)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result { debug!("{peer} (redirect): {e}"); }
+                }
+                _ = shutdown.recv() => {}
+            }
+        });
+    }
+}
+
+/// A 301 to the same path and query over HTTPS for the configured domains, 404 otherwise.
+/// The port is left out of the location when HTTPS is on 443.
+pub fn redirect_response<B>(
+    domains: &[String],
+    https_port: u16,
+    req: &::http::Request<B>,
+) -> ::http::Response<String> {
+    let host = req
+        .uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(::http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .map(|h| {
+            // A name with an optional port; bracketed IPv6 literals never match a domain.
+            let name = h.rsplit_once(':').map_or(h, |(name, _port)| name);
+            name.trim_end_matches('.').to_ascii_lowercase()
+        });
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let mut response = ::http::Response::new(String::new());
+    match host.filter(|h| domains.iter().any(|d| d == h)) {
+        Some(host) => {
+            let port = match https_port {
+                443 => String::new(),
+                port => format!(":{port}"),
+            };
+            let location = format!("https://{host}{port}{path}");
+            match ::http::HeaderValue::try_from(location) {
+                Ok(location) => {
+                    *response.status_mut() = ::http::StatusCode::MOVED_PERMANENTLY;
+                    response
+                        .headers_mut()
+                        .insert(::http::header::LOCATION, location);
+                    *response.body_mut() = "Moved Permanently\n".into();
+                }
+                Err(_) => *response.status_mut() = ::http::StatusCode::BAD_REQUEST,
+            }
+        }
+        None => {
+            *response.status_mut() = ::http::StatusCode::NOT_FOUND;
+            *response.body_mut() = "Not Found\n".into();
+        }
+    }
+    response
 }
 
 /// Drops channels whose history has expired, once a minute.

@@ -39,8 +39,10 @@ pub struct HubConfig {
 }
 
 impl HubConfig {
+    /// The ring holds the history plus room for members to fall behind, so a new member
+    /// whose whole history is still unsent has the same slack as everyone else.
     fn ring_frames(&self) -> usize {
-        self.history_limit.max(self.queue_frames)
+        self.history_limit + self.queue_frames
     }
 
     /// Relayed keys remembered per channel for de-duplication.
@@ -703,6 +705,7 @@ mod tests {
         let hub = hub(2, 4, 1 << 20);
         let other = client(&hub, "c", "other");
         let flooder = client(&hub, "c", "f");
+        assert_eq!(drain(&flooder), Ok(vec!["join other".to_string()]));
         for i in 0..100 {
             flooder.publish(text(&i.to_string()));
         }

@@ -143,6 +143,21 @@ pub struct Args {
         default_value_t = 20_000
     )]
     pub max_connections: usize,
+    /// MiB of memory for compressed static files (0: compress every time, cache nothing).
+    #[arg(
+        long = "static-cache-mb",
+        env = "MLES_STATIC_CACHE_MB",
+        default_value_t = 32
+    )]
+    pub static_cache_mb: usize,
+    /// Reverse-proxy rule PREFIX=http://HOST:PORT[/PATH] (repeatable, or comma separated):
+    /// requests under /PREFIX go to the upstream with the prefix stripped.
+    #[arg(long = "proxy", env = "MLES_PROXY", value_delimiter = ',')]
+    pub proxy: Vec<String>,
+    /// Serve /metrics (and /health) on this plain-HTTP ADDR:PORT only; without it, /metrics
+    /// on the main listener answers loopback clients only.
+    #[arg(long = "metrics-bind", env = "MLES_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 /// Validated settings the server runs with.
@@ -161,6 +176,12 @@ pub struct Config {
     pub session: crate::session::SessionConfig,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Bytes of compressed static files kept in memory.
+    pub static_cache_bytes: usize,
+    /// Reverse-proxy rules, in the order given.
+    pub proxies: Vec<crate::proxy::ProxyRule>,
+    /// The separate metrics listener; when set, /metrics is not served on the main one.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -294,6 +315,14 @@ impl Config {
                 return bad(format!("cannot create cache '{}': {e}", cache.display()));
             }
         }
+        let proxies = args
+            .proxy
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(crate::proxy::ProxyRule::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Config)?;
         let ip = args.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
         Ok(Config {
             domains,
@@ -321,6 +350,9 @@ impl Config {
             },
             handshake_timeout: Duration::from_secs(args.handshake_timeout),
             max_connections: args.max_connections,
+            static_cache_bytes: args.static_cache_mb.saturating_mul(1024 * 1024),
+            proxies,
+            metrics_bind: args.metrics_bind,
         })
     }
 

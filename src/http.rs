@@ -1,7 +1,9 @@
 //! HTTP on the main listener: WebSocket upgrades for the `mles-websocket` subprotocol go
-//! to a session; everything else goes to warp filters (health, metrics, static files).
+//! to a session; requests under a `--proxy` prefix go to their upstream; everything else
+//! goes to warp filters (health, metrics, static files).
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -20,6 +22,25 @@ use crate::protocol::SUBPROTOCOL;
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 use crate::static_files;
+
+/// The client's address, set as a request extension by the connection that read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The client address of `req`, if its connection recorded one.
+pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
+    req.extensions().get::<PeerAddr>().map(|p| p.0)
+}
+
+/// Whether `/metrics` on the main listener answers a client at `peer`: never when a
+/// separate metrics listener is configured, otherwise only to loopback clients.
+pub fn metrics_allowed(config: &crate::config::Config, peer: Option<SocketAddr>) -> bool {
+    config.metrics_bind.is_none() && peer.is_some_and(|p| is_loopback(p.ip()))
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
 
 /// Answers one HTTP request; built once per server and shared by every connection.
 pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, WarpResponse> + Send + Sync>;
@@ -42,16 +63,20 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
         warp::reply::with_header(
             body,
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::admin::METRICS_CONTENT_TYPE,
         )
         .into_response()
     });
-    let static_state = shared;
+    let static_state = shared.clone();
     let files = warp::method()
         .and(warp::header::optional::<String>("host"))
         .and(warp::path::full())
+        .and(warp::header::optional::<String>("accept-encoding"))
         .then(
-            move |method: Method, host: Option<String>, path: warp::path::FullPath| {
+            move |method: Method,
+                  host: Option<String>,
+                  path: warp::path::FullPath,
+                  accept_encoding: Option<String>| {
                 let shared = static_state.clone();
                 async move {
                     if method != Method::GET && method != Method::HEAD {
@@ -64,16 +89,38 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
                         host.as_deref(),
                         path.as_str(),
                         method == Method::HEAD,
+                        accept_encoding.as_deref(),
+                        &shared.static_cache,
                     )
                     .await
                 }
             },
         );
     let service = warp::service(health.or(metrics).unify().or(files).unify());
+    let tls = !matches!(shared.config.tls, crate::config::TlsConfig::Off);
+    let proxy = Arc::new(crate::proxy::Proxy::new(&shared.config.proxies, tls));
     Arc::new(move |req| {
         use tower_service::Service;
         let mut service = service.clone();
+        let proxy = proxy.clone();
+        let shared = shared.clone();
         Box::pin(async move {
+            let path = req.uri().path();
+            let peer = peer_addr(&req);
+            if path.trim_end_matches('/') == "/metrics" && !metrics_allowed(&shared.config, peer) {
+                return static_files::status(StatusCode::NOT_FOUND);
+            }
+            if let Some(rule) = proxy.route(path) {
+                // Like static files, proxied paths are served for the configured domains only.
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(static_files::host_name);
+                if host.is_some_and(|h| shared.config.domains.contains(&h)) {
+                    return proxy.forward(req, rule, peer).await;
+                }
+            }
             match service.call(req).await {
                 Ok(response) => response,
                 Err(never) => match never {},

@@ -3,11 +3,14 @@
 //! [`server::run`] serves a [`config::Config`]; tests bind a [`server::Server`] on port 0
 //! and talk to it as clients do.
 
+pub mod admin;
+pub mod compression;
 pub mod config;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -33,6 +33,8 @@ pub struct Shared {
     pub hub: Hub,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
+    /// Compressed static files.
+    pub static_cache: crate::compression::StaticCache,
     acceptor: Arc<Acceptor>,
 }
 
@@ -62,6 +64,8 @@ impl Shared {
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
+    /// The separate plain-HTTP listener for /metrics and /health, if configured.
+    metrics_listener: Option<TcpListener>,
     redirect: Option<TcpListener>,
     shared: Arc<Shared>,
     acceptor: Arc<Acceptor>,
@@ -76,6 +80,14 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Bind(config.listen, e))?;
+        let metrics_listener = match config.metrics_bind {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::Bind(addr, e))?,
+            ),
+            None => None,
+        };
         let redirect = match config.redirect {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -89,12 +101,14 @@ impl Server {
         let shared = Arc::new(Shared {
             hub: Hub::new(config.hub.clone()),
             metrics: Metrics::new(),
+            static_cache: crate::compression::StaticCache::new(config.static_cache_bytes),
             config,
             shutdown,
             acceptor: acceptor.clone(),
         });
         Ok(Server {
             listener,
+            metrics_listener,
             redirect,
             shared,
             acceptor,
@@ -117,6 +131,13 @@ impl Server {
             .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
+    /// The address the separate metrics listener is bound to, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
     /// State shared with connections, for inspection by tests and embedders.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
@@ -127,6 +148,7 @@ impl Server {
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
             listener,
+            metrics_listener,
             redirect,
             shared,
             acceptor,
@@ -143,6 +165,13 @@ impl Server {
         // Installed before anything is served, so a SIGHUP never meets the default action.
         let reloader = reload_on_hangup(shared.clone())?;
         let sweeper = tokio::spawn(sweep_expired(shared.clone()));
+        let metrics_server = match metrics_listener {
+            Some(l) => {
+                info!("serving /metrics on {}", l.local_addr().map_err(Error::Io)?);
+                Some(tokio::spawn(crate::admin::serve(l, shared.clone())))
+            }
+            None => None,
+        };
         let redirector = match redirect {
             Some(redirect) => {
                 let https_port = listener.local_addr().map_err(Error::Io)?.port();
@@ -166,6 +195,9 @@ impl Server {
         }
         trigger.fire();
         sweeper.abort();
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         if let Some(reloader) = reloader {
             reloader.abort();
         }
@@ -254,7 +286,8 @@ async fn serve_connection(
     let service = {
         let shared = shared.clone();
         let permit = permit.clone();
-        service_fn(move |req| {
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(http::PeerAddr(peer));
             http::dispatch(
                 req,
                 handler.clone(),

@@ -2,12 +2,19 @@
 //! `<wwwroot>/example.org/path`. Only configured domains are served, and nothing outside
 //! the domain's folder can be read: every path segment is decoded and checked, and the
 //! resolved file must still lie inside the folder after symlinks are followed.
+//!
+//! Text-like files are sent compressed when the client accepts it (see
+//! [`crate::compression`]), from a cache of compressed bodies.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use warp::reply::Response as WarpResponse;
+
+use crate::compression::{self, StaticCache, Version};
 
 /// Files larger than this are refused rather than read into memory.
 const MAX_FILE: u64 = 64 * 1024 * 1024;
@@ -42,18 +49,20 @@ pub fn safe_segments(raw_path: &str) -> Option<Vec<String>> {
     Some(out)
 }
 
-/// Answers a GET or HEAD for a static file.
+/// Answers a GET or HEAD for a static file, compressed as `accept_encoding` allows.
 pub async fn serve(
     root: &Path,
     domains: &[String],
     host: Option<&str>,
     raw_path: &str,
     head: bool,
+    accept_encoding: Option<&str>,
+    cache: &StaticCache,
 ) -> WarpResponse {
     let Some(host) = host.map(host_name) else {
         return status(StatusCode::NOT_FOUND);
     };
-    if !domains.iter().any(|d| *d == host) {
+    if !domains.contains(&host) {
         return status(StatusCode::NOT_FOUND);
     }
     let Some(segments) = safe_segments(raw_path) else {
@@ -61,8 +70,14 @@ pub async fn serve(
     };
     let site = root.join(&host);
     match resolve(&site, &segments).await {
-        Resolved::File { path, len, index } if !index || raw_path.ends_with('/') => {
-            file_response(&path, len, head).await
+        Resolved::File {
+            path,
+            len,
+            modified,
+            index,
+        } if !index || raw_path.ends_with('/') => {
+            let version = Version { modified, len };
+            file_response(&path, version, head, accept_encoding, cache).await
         }
         Resolved::File { .. } => {
             // Relative links in an index page need the trailing slash.
@@ -83,6 +98,7 @@ enum Resolved {
     File {
         path: PathBuf,
         len: u64,
+        modified: Option<SystemTime>,
         index: bool,
     },
     NotFound,
@@ -122,6 +138,7 @@ async fn resolve(site: &Path, segments: &[String]) -> Resolved {
         Resolved::File {
             path: real,
             len: meta.len(),
+            modified: meta.modified().ok(),
             index,
         }
     } else {
@@ -129,25 +146,67 @@ async fn resolve(site: &Path, segments: &[String]) -> Resolved {
     }
 }
 
-async fn file_response(path: &Path, len: u64, head: bool) -> WarpResponse {
+async fn file_response(
+    path: &Path,
+    version: Version,
+    head: bool,
+    accept_encoding: Option<&str>,
+    cache: &StaticCache,
+) -> WarpResponse {
     let mime = mime_guess::from_path(path).first_or_octet_stream();
     let content_type = match mime.type_() {
         mime_guess::mime::TEXT => format!("{mime}; charset=utf-8"),
         _ if mime.subtype() == "javascript" => format!("{mime}; charset=utf-8"),
         _ => mime.to_string(),
     };
-    let body = if head {
-        Vec::new()
+    let compressible = compression::compressible(&content_type);
+    let encoding = if compressible
+        && (compression::MIN_COMPRESS..=compression::MAX_COMPRESS).contains(&version.len)
+    {
+        compression::negotiate(accept_encoding)
     } else {
-        match tokio::fs::read(path).await {
-            Ok(body) => body,
-            Err(_) => return status(StatusCode::NOT_FOUND),
-        }
+        None
     };
-    Response::builder()
+    // A cached compressed body needs no file read at all.
+    let mut coded = encoding.and_then(|e| match cache.get(path, e, version) {
+        Some(compression::Cached::Body(b)) => Some((e, b)),
+        _ => None,
+    });
+    let mut body = Bytes::new();
+    if coded.is_none() && (encoding.is_some() || !head) {
+        body = match tokio::fs::read(path).await {
+            Ok(body) => Bytes::from(body),
+            Err(_) => return status(StatusCode::NOT_FOUND),
+        };
+        // Compress only what matches the version the cache is keyed by; a file that changed
+        // between stat and read is sent as read.
+        if let Some(e) = encoding.filter(|_| body.len() as u64 == version.len) {
+            if let Some(b) = cache.compressed(path, e, version, body.clone()).await {
+                coded = Some((e, b));
+            }
+        }
+    }
+    let mut response = Response::builder()
         .header(header::CONTENT_TYPE, content_type)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    if compressible {
+        response = response.header(header::VARY, "Accept-Encoding");
+    }
+    let body = match coded {
+        Some((e, b)) => {
+            response = response.header(header::CONTENT_ENCODING, e.token());
+            b
+        }
+        None => body,
+    };
+    let len = if body.is_empty() && head {
+        version.len
+    } else {
+        body.len() as u64
+    };
+    let body = if head { Bytes::new() } else { body };
+    response
         .header(header::CONTENT_LENGTH, len)
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .body(body)
         .expect("valid response")
         .map(Into::into)

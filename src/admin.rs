@@ -1,0 +1,113 @@
+//! The optional `--metrics-bind` listener: plain HTTP serving only `GET /metrics` and
+//! `GET /health`, so that metrics can be scraped on a private address while the public
+//! listener answers 404 for them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, error};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::server::Shared;
+
+/// Connections the metrics listener serves at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
+
+/// The Prometheus text content type.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Accepts and serves connections on `listener` until the task is dropped or shutdown
+/// begins.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                error!("metrics accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!("refused {peer} on the metrics listener: too many connections");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut shutdown = shared.shutdown.clone();
+            let service = {
+                let shared = shared.clone();
+                service_fn(move |req| {
+                    let response = respond(&shared, &req);
+                    async move { Ok::<_, Infallible>(response) }
+                })
+            };
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.config.handshake_timeout)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result { debug!("{peer} (metrics): {e}"); }
+                }
+                _ = shutdown.recv() => {}
+            }
+        });
+    }
+}
+
+/// The answer to one request on the metrics listener.
+pub fn respond<B>(shared: &Shared, req: &Request<B>) -> Response<String> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    let (code, content_type, body) = match req.uri().path() {
+        "/metrics" if get => {
+            shared.refresh_gauges();
+            (
+                StatusCode::OK,
+                METRICS_CONTENT_TYPE,
+                shared.metrics.render(),
+            )
+        }
+        "/health" if get => {
+            if shared.shutdown.is_shutdown() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "shutting down".to_string(),
+                )
+            } else {
+                (
+                    StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    "OK".to_string(),
+                )
+            }
+        }
+        "/metrics" | "/health" => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "Method Not Allowed\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "Not Found\n".to_string(),
+        ),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}

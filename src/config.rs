@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::Error;
+use crate::{protocol, Error};
 
 /// How the listener speaks to clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -136,6 +136,68 @@ pub struct Args {
         default_value_t = 30
     )]
     pub write_timeout: u64,
+    /// Peer server to link channels with, ws:// or wss:// (repeatable, or comma separated).
+    #[arg(long = "peer", env = "MLES_PEER", value_delimiter = ',')]
+    pub peer: Vec<String>,
+    /// PEM CA certificate to trust for wss:// peers with private certificates.
+    #[arg(long = "peer-ca", env = "MLES_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+    /// Seconds a peer link stays up after its channel's last local client left.
+    #[arg(long = "peer-grace", env = "MLES_PEER_GRACE", default_value_t = 30)]
+    pub peer_grace: u64,
+    /// This server's identity on peer links (its uid there); default: the host name.
+    #[arg(long = "server-id", env = "MLES_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// Answer peer links as a plain mles v2 server would, without envelopes (for
+    /// interoperability testing).
+    #[arg(long = "plain-peer-protocol", env = "MLES_PLAIN_PEER_PROTOCOL", hide = true)]
+    pub plain_peer_protocol: bool,
+    /// NATS server with JetStream to share channels and history through with every server
+    /// of a cluster, e.g. nats://host:4222 or tls://user:pass@host (repeatable, or comma
+    /// separated). Not together with --peer.
+    #[arg(long = "nats", env = "MLES_NATS", value_delimiter = ',')]
+    pub nats: Vec<String>,
+    /// NATS credentials file (JWT and NKey seed) for --nats.
+    #[arg(long = "nats-creds", env = "MLES_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM CA certificate to trust for NATS servers with private certificates.
+    #[arg(long = "nats-ca", env = "MLES_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (with --nats-client-key).
+    #[arg(long = "nats-client-cert", env = "MLES_NATS_CLIENT_CERT")]
+    pub nats_client_cert: Option<PathBuf>,
+    /// PEM private key of --nats-client-cert.
+    #[arg(long = "nats-client-key", env = "MLES_NATS_CLIENT_KEY")]
+    pub nats_client_key: Option<PathBuf>,
+    /// Replicas of the JetStream stream holding channel history (in a NATS cluster).
+    #[arg(long = "nats-replicas", env = "MLES_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+    /// New connections accepted per minute from one IP address (0: no limit).
+    #[arg(long = "ip-rate", env = "MLES_IP_RATE", default_value_t = 600)]
+    pub ip_rate: u32,
+    /// Frames a client may send per --message-window; over it the connection is closed
+    /// with 1008 (0: no limit). Peer links are exempt.
+    #[arg(long = "message-rate", env = "MLES_MESSAGE_RATE", default_value_t = 1000)]
+    pub message_rate: u32,
+    /// Seconds in a --message-rate window.
+    #[arg(long = "message-window", env = "MLES_MESSAGE_WINDOW", default_value_t = 1)]
+    pub message_window: u64,
+    /// Seconds a client may send no frames before it is closed (0: never).
+    #[arg(long = "idle-timeout", env = "MLES_IDLE_TIMEOUT", default_value_t = 0)]
+    pub idle_timeout: u64,
+    /// Seconds a client connection may last before it is closed (0: no limit).
+    #[arg(long = "max-connection-age", env = "MLES_MAX_CONNECTION_AGE", default_value_t = 0)]
+    pub max_connection_age: u64,
+    /// Most clients joined to one channel (0: no limit).
+    #[arg(long = "channel-max-members", env = "MLES_CHANNEL_MAX_MEMBERS", default_value_t = 0)]
+    pub channel_max_members: usize,
+    /// Most frames clients may publish to one channel (0: no limit).
+    #[arg(long = "channel-max-messages", env = "MLES_CHANNEL_MAX_MESSAGES", default_value_t = 0)]
+    pub channel_max_messages: u64,
+    /// Seconds a channel lives from its creation; then its members are closed and its name
+    /// starts afresh (0: forever).
+    #[arg(long = "channel-lifespan", env = "MLES_CHANNEL_LIFESPAN", default_value_t = 0)]
+    pub channel_lifespan: u64,
     /// Most connections open at once; more are refused before any TLS work.
     #[arg(
         long = "max-connections",
@@ -176,12 +238,21 @@ pub struct Config {
     pub session: crate::session::SessionConfig,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// New connections per minute per IP address.
+    pub ip_rate: Option<u32>,
     /// Bytes of compressed static files kept in memory.
     pub static_cache_bytes: usize,
     /// Reverse-proxy rules, in the order given.
     pub proxies: Vec<crate::proxy::ProxyRule>,
     /// The separate metrics listener; when set, /metrics is not served on the main one.
     pub metrics_bind: Option<SocketAddr>,
+    pub peers: crate::peer::PeerConfig,
+    /// This server's uid on peer links and the origin of its clients' frames.
+    pub server_id: String,
+    /// Whether links from servers of this kind get envelopes (off only to act as mles v2).
+    pub peer_envelopes: bool,
+    /// The NATS JetStream backplane, with `--nats`.
+    pub nats: Option<crate::nats::NatsConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -315,6 +386,24 @@ impl Config {
                 return bad(format!("cannot create cache '{}': {e}", cache.display()));
             }
         }
+        let peer_urls = args
+            .peer
+            .iter()
+            .map(|u| crate::peer::parse_url(u.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(ca) = &args.peer_ca {
+            if let Err(e) = std::fs::metadata(ca) {
+                return bad(format!("cannot read '{}': {e}", ca.display()));
+            }
+        }
+        let nats = crate::nats::NatsConfig::from_args(&args)?;
+        if nats.is_some() && !peer_urls.is_empty() {
+            return bad("--peer and --nats do not go together: with --nats the servers of a cluster share channels through NATS; to link a server outside the cluster, give it --peer to one of them".into());
+        }
+        let server_id = args.server_id.clone().unwrap_or_else(host_name);
+        if protocol::parse_join(&serde_json::json!({"uid": server_id, "channel": "x"}).to_string()).is_err() {
+            return bad(format!("--server-id '{server_id}' must be 1-256 printable ASCII characters"));
+        }
         let proxies = args
             .proxy
             .iter()
@@ -340,6 +429,9 @@ impl Config {
                 queue_frames: args.queue_frames,
                 channel_bytes: args.channel_bytes,
                 history_expiry: Duration::from_secs(args.history_expiry),
+                max_members: nonzero(args.channel_max_members),
+                max_messages: nonzero(args.channel_max_messages),
+                lifespan: nonzero(args.channel_lifespan).map(Duration::from_secs),
             },
             session: crate::session::SessionConfig {
                 max_message_size: args.max_message_size,
@@ -347,12 +439,25 @@ impl Config {
                 ping_interval: Duration::from_secs(args.ping_interval),
                 missed_pongs: args.missed_pongs,
                 write_timeout: Duration::from_secs(args.write_timeout),
+                message_rate: nonzero(args.message_rate)
+                    .map(|n| (n, Duration::from_secs(args.message_window.max(1)))),
+                idle_timeout: nonzero(args.idle_timeout).map(Duration::from_secs),
+                max_age: nonzero(args.max_connection_age).map(Duration::from_secs),
             },
             handshake_timeout: Duration::from_secs(args.handshake_timeout),
             max_connections: args.max_connections,
+            ip_rate: nonzero(args.ip_rate),
             static_cache_bytes: args.static_cache_mb.saturating_mul(1024 * 1024),
             proxies,
             metrics_bind: args.metrics_bind,
+            peers: crate::peer::PeerConfig {
+                urls: peer_urls,
+                ca: args.peer_ca,
+                grace: Duration::from_secs(args.peer_grace),
+            },
+            server_id,
+            peer_envelopes: !args.plain_peer_protocol,
+            nats,
         })
     }
 
@@ -371,6 +476,21 @@ impl Config {
         config.wwwroot = wwwroot.into();
         config
     }
+}
+
+/// `None` for zero: the flags use 0 for "no limit".
+fn nonzero<T: Default + PartialEq>(v: T) -> Option<T> {
+    (v != T::default()).then_some(v)
+}
+
+/// This machine's host name, the default server id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mles".to_string())
 }
 
 /// A DNS name as a Host header carries it: letters, digits, '-' and '.'.

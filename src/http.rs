@@ -11,14 +11,13 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use log::debug;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response as WarpResponse;
 use warp::Filter;
 
-use crate::protocol::SUBPROTOCOL;
+use crate::protocol::{PEER_HEADER, PEER_VERSION, SUBPROTOCOL};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 use crate::static_files;
@@ -51,6 +50,10 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
     let health = warp::path!("health").and(warp::get()).map(move || {
         if health_state.shutdown.is_shutdown() {
             warp::reply::with_status("shutting down", StatusCode::SERVICE_UNAVAILABLE)
+                .into_response()
+        } else if let Some(part) = crate::nats::degraded(&health_state) {
+            // Still serving local members: 200, so a load balancer keeps this server.
+            warp::reply::with_status(format!("DEGRADED: {part}"), StatusCode::OK)
                 .into_response()
         } else {
             warp::reply::with_status("OK", StatusCode::OK).into_response()
@@ -136,7 +139,7 @@ pub async fn dispatch(
     req: Request<Incoming>,
     handler: Handler,
     shared: Arc<Shared>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<crate::server::Permit>,
     shutdown: Shutdown,
 ) -> Result<WarpResponse, Infallible> {
     if is_upgrade(req.headers()) {
@@ -187,7 +190,7 @@ fn refuse(
 fn upgrade(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<crate::server::Permit>,
     shutdown: Shutdown,
 ) -> WarpResponse {
     let headers = req.headers();
@@ -233,6 +236,9 @@ fn upgrade(
         );
     }
     let accept = derive_accept_key(key.as_bytes());
+    // A server of this kind linking to us asks for enveloped frames.
+    let peer = shared.config.peer_envelopes
+        && headers.get(PEER_HEADER).map(HeaderValue::as_bytes) == Some(PEER_VERSION.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let ws_config = shared.config.session.websocket_config();
     tokio::spawn(async move {
@@ -244,18 +250,22 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                crate::session::run(ws, shared, shutdown).await;
+                crate::session::run(ws, shared, shutdown, peer).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }
         drop(permit);
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL)
+        .header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    if peer {
+        response = response.header(PEER_HEADER, PEER_VERSION);
+    }
+    response
         .body(String::new())
         .expect("valid response")
         .map(Into::into)

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -36,6 +37,12 @@ pub struct HubConfig {
     pub channel_bytes: usize,
     /// How long a channel without members keeps its history after its last activity.
     pub history_expiry: Duration,
+    /// Most clients in one channel.
+    pub max_members: Option<usize>,
+    /// Most frames clients may publish to one channel.
+    pub max_messages: Option<u64>,
+    /// How long a channel lives from its creation.
+    pub lifespan: Option<Duration>,
 }
 
 impl HubConfig {
@@ -74,6 +81,48 @@ pub enum MemberKind {
 pub enum JoinError {
     #[error("uid already joined to this channel")]
     DuplicateUid,
+    #[error("channel is full")]
+    ChannelFull,
+}
+
+/// A client's frame was refused: the channel reached its message limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("channel message limit reached")]
+pub struct MessageLimit;
+
+/// Notices queued per presence watcher at most; older ones are dropped first.
+const MAX_NOTICES: usize = 1024;
+
+/// Join and leave notices for one member that asked for them.
+#[derive(Default)]
+struct Notices {
+    queue: Mutex<VecDeque<Message>>,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl Notices {
+    fn push(&self, notice: Message) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= MAX_NOTICES {
+            queue.pop_front();
+        }
+        queue.push_back(notice);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    fn drain_into(&self, out: &mut Vec<Message>) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(queue.drain(..));
+        }
+    }
+}
+
+/// The presence notice for `uid` joining or leaving `channel` (documented in the README).
+fn presence_notice(event: &str, uid: &str, channel: &str) -> Message {
+    Message::text(
+        serde_json::json!({"presence": event, "uid": uid, "channel": channel}).to_string(),
+    )
 }
 
 /// A member fell further behind than its channel keeps frames for.
@@ -97,6 +146,13 @@ pub struct Entry {
 /// [`MemberKind::Peer`] member and relays with [`Member::relay`].
 pub trait Backplane: Send + Sync {
     fn channel_active(&self, channel: &Arc<Channel>);
+
+    /// Resolves once a client joining `channel` next would get the history the backplane
+    /// shares (a cluster's stored frames), or once waiting longer is not worth it. The
+    /// backplane bounds the wait; by default there is nothing to wait for.
+    fn ready(&self, _channel: &Arc<Channel>) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Receives every stored frame, for persistence. Must not block.
@@ -115,9 +171,22 @@ struct Ring {
     seen: HashSet<MsgKey>,
     seen_order: VecDeque<MsgKey>,
     last_activity: Instant,
+    created: Instant,
+    /// Frames clients published, for the per-channel message limit.
+    messages: u64,
+    /// Members that asked for join and leave notices.
+    watchers: Vec<(MemberId, Arc<Notices>)>,
 }
 
 impl Ring {
+    fn notify_presence(&self, except: MemberId, notice: &Message) {
+        for (id, notices) in &self.watchers {
+            if *id != except {
+                notices.push(notice.clone());
+            }
+        }
+    }
+
     fn head(&self) -> u64 {
         self.first_seq + self.entries.len() as u64
     }
@@ -171,6 +240,9 @@ impl Channel {
                 seen: HashSet::new(),
                 seen_order: VecDeque::new(),
                 last_activity: Instant::now(),
+                created: Instant::now(),
+                messages: 0,
+                watchers: Vec::new(),
             }),
             head: AtomicU64::new(0),
             published: Notify::new(),
@@ -225,15 +297,25 @@ impl Channel {
         live: bool,
         key: Option<MsgKey>,
         msg: Message,
-    ) -> bool {
+    ) -> Result<bool, MessageLimit> {
         {
             let mut ring = self.lock();
             let key = match key {
-                None => self.new_key(),
+                None => {
+                    if member.kind == MemberKind::Client {
+                        if let Some(max) = self.hub.config.max_messages {
+                            if ring.messages >= max {
+                                return Err(MessageLimit);
+                            }
+                        }
+                        ring.messages += 1;
+                    }
+                    self.new_key()
+                }
                 Some(key) => {
                     let capacity = self.hub.config.seen_capacity();
                     if key.origin == self.hub.origin || !ring.remember(&key, capacity) {
-                        return false;
+                        return Ok(false);
                     }
                     key
                 }
@@ -262,7 +344,7 @@ impl Channel {
             member.cursor.store(cursor, Ordering::Relaxed);
         }
         self.published.notify_waiters();
-        true
+        Ok(true)
     }
 
     /// Stores frames loaded from disk, as history, before anyone joins.
@@ -308,6 +390,12 @@ impl Channel {
     /// Clients (not peer links) currently joined.
     pub fn client_count(&self) -> usize {
         self.lock().clients
+    }
+
+    /// When the channel's lifespan (if any) ends.
+    pub fn end_of_life(&self) -> Option<Instant> {
+        let lifespan = self.hub.config.lifespan?;
+        Some(self.lock().created + lifespan)
     }
 
     /// How long ago the channel last saw a frame, join or leave.
@@ -381,6 +469,15 @@ impl Hub {
             .clone()
     }
 
+    /// Waits until the backplane, if any, has brought `channel`'s shared history in, so
+    /// that a client joining right after gets it. Bounded by the backplane.
+    pub fn ready(&self, channel: &str) -> BoxFuture<'static, ()> {
+        match self.shared.backplane.get() {
+            Some(backplane) => backplane.ready(&self.channel_or_create(channel)),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
+
     /// Joins `uid` to `channel`. The member's first frames are the channel's history (up
     /// to the history limit), then everything published after this call, minus its own.
     /// `join_frame`, if any, goes into history for later members but is not sent live.
@@ -391,20 +488,63 @@ impl Hub {
         kind: MemberKind,
         join_frame: Option<Message>,
     ) -> Result<Member, JoinError> {
+        self.join_with(channel, uid, kind, join_frame, false)
+    }
+
+    /// Joins a client; with `presence` it is also told when other clients join and leave.
+    pub fn join_client(
+        &self,
+        channel: &str,
+        uid: &str,
+        join_frame: Message,
+        presence: bool,
+    ) -> Result<Member, JoinError> {
+        self.join_with(channel, uid, MemberKind::Client, Some(join_frame), presence)
+    }
+
+    fn join_with(
+        &self,
+        channel: &str,
+        uid: &str,
+        kind: MemberKind,
+        join_frame: Option<Message>,
+        presence: bool,
+    ) -> Result<Member, JoinError> {
         let id = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
         // Holding the map lock while joining keeps the expiry sweep from removing a channel
         // between finding it and joining it.
         let mut channels = self.channels();
-        let chan = channels
-            .entry(Arc::from(channel))
-            .or_insert_with_key(|name| Arc::new(Channel::new(name.clone(), self.shared.clone())))
+        let name: Arc<str> = Arc::from(channel);
+        let mut chan = channels
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(Channel::new(name.clone(), self.shared.clone())))
             .clone();
+        if let Some(lifespan) = self.shared.config.lifespan {
+            if chan.lock().created.elapsed() >= lifespan {
+                // Its members are closed by their sessions; the name starts afresh.
+                chan = Arc::new(Channel::new(name.clone(), self.shared.clone()));
+                channels.insert(name, chan.clone());
+            }
+        }
         let mut ring = chan.lock();
         drop(channels);
         let uid: Arc<str> = Arc::from(uid);
         if ring.members.contains_key(&uid) {
             return Err(JoinError::DuplicateUid);
         }
+        if kind == MemberKind::Client {
+            if let Some(max) = self.shared.config.max_members {
+                if ring.clients >= max {
+                    return Err(JoinError::ChannelFull);
+                }
+            }
+            ring.notify_presence(id, &presence_notice("joined", &uid, chan.name()));
+        }
+        let notices = presence.then(|| {
+            let notices = Arc::new(Notices::default());
+            ring.watchers.push((id, notices.clone()));
+            notices
+        });
         ring.members.insert(uid.clone(), (id, kind));
         let first_client = kind == MemberKind::Client && {
             ring.clients += 1;
@@ -421,6 +561,8 @@ impl Hub {
             kind,
             join_seq,
             cursor: AtomicU64::new(cursor),
+            notices,
+            all_join_frames: false,
         };
         if let Some(frame) = join_frame {
             let key = chan.new_key();
@@ -438,7 +580,11 @@ impl Hub {
                 member.cursor.store(ring.head(), Ordering::Relaxed);
             }
         }
+        let watched = kind == MemberKind::Client && !ring.watchers.is_empty();
         drop(ring);
+        if watched {
+            chan.published.notify_waiters();
+        }
         if first_client {
             if let Some(backplane) = self.shared.backplane.get() {
                 backplane.channel_active(&chan);
@@ -496,6 +642,10 @@ pub struct Member {
     /// Next sequence to deliver. Atomic so `&Member` can both publish and fetch; written
     /// only under the channel lock.
     cursor: AtomicU64,
+    /// Join and leave notices, when this member asked for them.
+    notices: Option<Arc<Notices>>,
+    /// Also takes join frames stored after it joined (see [`Member::take_join_frames`]).
+    all_join_frames: bool,
 }
 
 impl Member {
@@ -516,15 +666,15 @@ impl Member {
     }
 
     /// Sends a client's frame to every other member of the channel and into its history.
-    pub fn publish(&self, msg: Message) {
-        self.channel.publish(self, true, None, msg);
+    pub fn publish(&self, msg: Message) -> Result<(), MessageLimit> {
+        self.channel.publish(self, true, None, msg).map(drop)
     }
 
     /// Stores a frame relayed from another server, unless a frame with the same key is
     /// already here (it came by another path) or it originated on this server. Returns
     /// whether it was stored.
     pub fn relay(&self, key: MsgKey, live: bool, msg: Message) -> bool {
-        self.channel.publish(self, live, Some(key), msg)
+        self.channel.publish(self, live, Some(key), msg) == Ok(true)
     }
 
     /// Stores a frame relayed from a server that carries no keys (plain mles v2), unless
@@ -536,23 +686,37 @@ impl Member {
                 return false;
             }
         }
-        self.channel.publish(self, true, None, msg)
+        self.channel.publish(self, true, None, msg) == Ok(true)
+    }
+
+    /// Makes this member take every join frame, also those stored after it joined: a
+    /// backplane that keeps the channel's history elsewhere (NATS) must store them there.
+    /// Call before fetching.
+    pub fn take_join_frames(&mut self) {
+        self.all_join_frames = true;
     }
 
     /// Whether the entry at `seq` is delivered to this member: not its own, and live or
     /// part of the history it joined to.
     fn wants(&self, entry: &Entry, seq: u64) -> bool {
-        entry.from != self.id && (entry.live || seq < self.join_seq)
+        entry.from != self.id && (entry.live || seq < self.join_seq || self.all_join_frames)
     }
 
     /// True when frames past this member's cursor are waiting.
     pub fn has_pending(&self) -> bool {
         self.channel.head.load(Ordering::Acquire) > self.cursor.load(Ordering::Relaxed)
+            || self
+                .notices
+                .as_ref()
+                .is_some_and(|n| n.pending.load(Ordering::Acquire))
     }
 
     /// Moves up to `max` pending frames for this member into `out`, in channel order.
     /// Fails when the member fell behind what the channel keeps.
     pub fn fetch(&self, out: &mut Vec<Message>, max: usize) -> Result<(), Lagged> {
+        if let Some(notices) = &self.notices {
+            notices.drain_into(out);
+        }
         self.fetch_with(max, |entry| out.push(entry.msg.clone()))
     }
 
@@ -562,7 +726,7 @@ impl Member {
     }
 
     fn fetch_with(&self, max: usize, mut take: impl FnMut(&Entry)) -> Result<(), Lagged> {
-        if !self.has_pending() {
+        if self.channel.head.load(Ordering::Acquire) <= self.cursor.load(Ordering::Relaxed) {
             return Ok(());
         }
         let ring = self.channel.lock();
@@ -606,7 +770,21 @@ impl Drop for Member {
                 ring.clients -= 1;
             }
         }
+        if self.notices.is_some() {
+            ring.watchers.retain(|(id, _)| *id != self.id);
+        }
+        let watched = self.kind == MemberKind::Client && !ring.watchers.is_empty();
+        if watched {
+            ring.notify_presence(
+                self.id,
+                &presence_notice("left", &self.uid, self.channel.name()),
+            );
+        }
         ring.last_activity = Instant::now();
+        drop(ring);
+        if watched {
+            self.channel.published.notify_waiters();
+        }
     }
 }
 
@@ -621,6 +799,9 @@ mod tests {
                 queue_frames: queue,
                 channel_bytes: bytes,
                 history_expiry: Duration::from_secs(60),
+                max_members: None,
+                max_messages: None,
+                lifespan: None,
             },
             "test",
         )
@@ -788,6 +969,9 @@ mod tests {
                 queue_frames: 5,
                 channel_bytes: 1000,
                 history_expiry: Duration::ZERO,
+                max_members: None,
+                max_messages: None,
+                lifespan: None,
             },
             "t",
         );

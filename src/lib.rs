@@ -8,13 +8,17 @@ pub mod compression;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
+pub mod nats;
+pub mod peer;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod static_files;
+pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -29,6 +29,16 @@ pub struct Metrics {
     pub channels: Gauge,
     pub history_frames: Gauge,
     pub history_bytes: Gauge,
+    /// 1 while the NATS backplane is connected (0 without --nats or while it is down).
+    pub nats_connected: Gauge,
+    pub nats_disconnects: Counter,
+    pub nats_reconnects: Counter,
+    pub nats_publish_failures: Counter,
+    pub peer_links_up: Gauge,
+    pub peer_link_failures: Counter,
+    pub history_persist_dropped: Counter,
+    pub history_corrupt_files: Counter,
+    pub rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -57,6 +67,15 @@ impl Metrics {
             channels: Gauge::default(),
             history_frames: Gauge::default(),
             history_bytes: Gauge::default(),
+            nats_connected: Gauge::default(),
+            nats_disconnects: Counter::default(),
+            nats_reconnects: Counter::default(),
+            nats_publish_failures: Counter::default(),
+            peer_links_up: Gauge::default(),
+            peer_link_failures: Counter::default(),
+            history_persist_dropped: Counter::default(),
+            history_corrupt_files: Counter::default(),
+            rate_limited: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -136,6 +155,31 @@ impl Metrics {
             "Bytes held in channel history",
             m.history_bytes.clone(),
         );
+        r.register(
+            "nats_connected",
+            "1 while connected to NATS (with --nats)",
+            m.nats_connected.clone(),
+        );
+        r.register(
+            "nats_disconnects",
+            "Times the NATS connection was lost",
+            m.nats_disconnects.clone(),
+        );
+        r.register(
+            "nats_reconnects",
+            "Times the NATS connection came back after a loss",
+            m.nats_reconnects.clone(),
+        );
+        r.register(
+            "nats_publish_failures",
+            "Frames whose publish to NATS failed (retried after reconnect unless too big)",
+            m.nats_publish_failures.clone(),
+        );
+        r.register("peer_links_up", "Links to peer servers that are up", m.peer_links_up.clone());
+        r.register("peer_link_failures", "Failed attempts to link to a peer", m.peer_link_failures.clone());
+        r.register("history_persist_dropped", "Frames not persisted because the disk fell behind", m.history_persist_dropped.clone());
+        r.register("history_corrupt_files", "History files found damaged or unreadable at start", m.history_corrupt_files.clone());
+        r.register("rate_limited", "Connections closed for exceeding the message rate", m.rate_limited.clone());
         Metrics { registry, ..m }
     }
 

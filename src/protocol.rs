@@ -34,6 +34,8 @@ pub struct Join {
     pub uid: String,
     pub channel: String,
     pub auth: Option<String>,
+    /// `"presence": true`: the client wants join and leave notices.
+    pub presence: bool,
     /// The join frame as it goes into history: the client's frame minus its `auth` field.
     pub history_frame: String,
 }
@@ -49,7 +51,7 @@ pub enum JoinError {
     NotJson,
     #[error("join frame field '{0}' missing")]
     Missing(&'static str),
-    #[error("join frame field '{0}' must be a string")]
+    #[error("join frame field '{0}' has the wrong type")]
     WrongType(&'static str),
     #[error("join frame field '{0}' must be 1-256 printable ASCII characters")]
     BadName(&'static str),
@@ -69,6 +71,11 @@ pub fn parse_join(text: &str) -> Result<Join, JoinError> {
     };
     let uid = name_field(&object, "uid")?;
     let channel = name_field(&object, "channel")?;
+    let presence = match object.get("presence") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => return Err(JoinError::WrongType("presence")),
+    };
     let auth = match object.get("auth") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -84,6 +91,7 @@ pub fn parse_join(text: &str) -> Result<Join, JoinError> {
         uid,
         channel,
         auth,
+        presence,
         history_frame,
     })
 }
@@ -335,6 +343,7 @@ mod tests {
             uid: "u".into(),
             channel: "c".into(),
             auth,
+            presence: false,
             history_frame: String::new(),
         };
         let keyed = auth_token("u", "c", Some("k"));

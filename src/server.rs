@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::http::{self, Handler};
 use crate::hub::Hub;
+use crate::limits::IpRateLimiter;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::tls::{self, Acceptor};
@@ -36,9 +37,23 @@ pub struct Shared {
     /// Compressed static files.
     pub static_cache: crate::compression::StaticCache,
     acceptor: Arc<Acceptor>,
+    /// History on disk, with `--cache`.
+    pub store: Option<Arc<crate::store::Store>>,
+    /// New connections per minute per IP address, with `--ip-rate`.
+    ip_limiter: Option<IpRateLimiter>,
 }
 
 impl Shared {
+    /// Applies the per-IP accept rate; counts and logs a refusal.
+    fn admit(&self, peer: SocketAddr) -> bool {
+        let admitted = self.ip_limiter.as_ref().is_none_or(|l| l.admit(peer.ip()));
+        if !admitted {
+            self.metrics.refused("ip_rate");
+            debug!("refused {peer}: over the per-address connection rate");
+        }
+        admitted
+    }
+
     /// Updates the gauges that are computed rather than counted.
     pub fn refresh_gauges(&self) {
         let (channels, frames, bytes) = self.hub.stats();
@@ -98,14 +113,35 @@ impl Server {
         };
         let (trigger, shutdown) = shutdown::channel();
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let hub = Hub::new(config.hub.clone(), &config.server_id);
+        let config_ip_rate = config.ip_rate;
+        let metrics = Metrics::new();
+        let store = match &config.cache {
+            Some(cache) => {
+                let store = crate::store::Store::open(cache, &hub, &metrics)?;
+                hub.set_recorder(store.clone());
+                Some(store)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
-            hub: Hub::new(config.hub.clone()),
-            metrics: Metrics::new(),
+            hub,
+            metrics,
+            store,
             static_cache: crate::compression::StaticCache::new(config.static_cache_bytes),
             config,
             shutdown,
             acceptor: acceptor.clone(),
+            ip_limiter: config_ip_rate.map(IpRateLimiter::new),
         });
+        if !shared.config.peers.urls.is_empty() {
+            let peers = crate::peer::Peers::new(Arc::downgrade(&shared), shared.config.peers.clone())?;
+            shared.hub.set_backplane(Arc::new(peers));
+        }
+        if let Some(nats) = &shared.config.nats {
+            let nats = crate::nats::Nats::connect(Arc::downgrade(&shared), nats.clone()).await?;
+            shared.hub.set_backplane(Arc::new(nats));
+        }
         Ok(Server {
             listener,
             metrics_listener,
@@ -212,6 +248,11 @@ impl Server {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!("shutdown grace period over with connections still open"),
         }
+        if let Some(store) = &shared.store {
+            if tokio::time::timeout(SHUTDOWN_GRACE, store.sync()).await.is_err() {
+                warn!("history not fully written at shutdown");
+            }
+        }
         Ok(())
     }
 }
@@ -234,6 +275,9 @@ async fn accept_loop(
             }
         };
         shared.metrics.connections_accepted.inc();
+        if !shared.admit(peer) {
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             shared.metrics.refused("max_connections");
             debug!("refused {peer}: connection limit reached");
@@ -259,29 +303,25 @@ async fn serve_connection(
     handler: Handler,
 ) {
     let metrics = &shared.metrics;
-    metrics.connections_open.inc();
+    // Held by this task and, after an upgrade, by the session: the connection counts
+    // against the limit and as open until both are done.
+    let permit = Arc::new(Permit::new(permit, metrics.connections_open.clone()));
     let _ = tcp.set_nodelay(true);
     let timeout = shared.config.handshake_timeout;
     let io = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(io)) => io,
-        Ok(Err(e)) if tls::challenge_answered(&e) => {
-            metrics.connections_open.dec();
-            return;
-        }
+        Ok(Err(e)) if tls::challenge_answered(&e) => return,
         Ok(Err(e)) => {
             metrics.tls_handshake_failures.inc();
             debug!("{peer}: TLS handshake failed: {e}");
-            metrics.connections_open.dec();
             return;
         }
         Err(_) => {
             metrics.tls_handshake_failures.inc();
             debug!("{peer}: TLS handshake timed out");
-            metrics.connections_open.dec();
             return;
         }
     };
-    let permit = Arc::new(permit);
     let mut shutdown = shared.shutdown.clone();
     let service = {
         let shared = shared.clone();
@@ -313,7 +353,28 @@ async fn serve_connection(
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
     }
-    metrics.connections_open.dec();
+}
+
+/// A connection's place under `--max-connections`, counted in `connections_open` while held.
+pub struct Permit {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Permit {
+    fn new(permit: OwnedSemaphorePermit, open: prometheus_client::metrics::gauge::Gauge) -> Permit {
+        open.inc();
+        Permit {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// Listens for SIGHUP and reloads certificate files on each (Unix only).
@@ -353,6 +414,9 @@ async fn redirect_loop(
                 continue;
             }
         };
+        if !shared.admit(peer) {
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             shared.metrics.refused("max_connections");
             debug!("refused {peer} on the redirect port: connection limit reached");
@@ -437,7 +501,16 @@ async fn sweep_expired(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
+        if let Some(limiter) = &shared.ip_limiter {
+            limiter.sweep();
+        }
         let removed = shared.hub.sweep_expired();
+        if let Some(store) = &shared.store {
+            for channel in &removed {
+                store.forget(channel.clone());
+            }
+        }
+        let removed = removed.len();
         if removed > 0 {
             info!("expired the history of {removed} idle channels");
         }
@@ -461,6 +534,11 @@ pub async fn termination() {
 
 /// Runs a server with `config` until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<(), Error> {
+    // Every connection is a file descriptor: raise the soft limit to the hard one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!("open file limit: {limit}"),
+        Err(e) => warn!("could not raise the open file limit: {e}"),
+    }
     let server = Server::bind(config).await?;
     server.run(termination()).await
 }

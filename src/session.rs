@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::hub::{Entry, Member, MemberKind, MsgKey};
+use crate::limits::MessageRate;
 use crate::protocol::{self, close, Envelope, EnvelopeKind};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
@@ -33,6 +34,12 @@ pub struct SessionConfig {
     pub ping_interval: Duration,
     pub missed_pongs: u32,
     pub write_timeout: Duration,
+    /// At most this many frames per window from a client.
+    pub message_rate: Option<(u32, Duration)>,
+    /// Close a client that sent nothing for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Close a client connection this old.
+    pub max_age: Option<Duration>,
 }
 
 /// Frames taken from the channel per lock; bounds the time the lock is held.
@@ -79,6 +86,11 @@ pub enum End {
     SlowConsumer(&'static str),
     Unresponsive,
     BadEnvelope,
+    RateLimited,
+    ChannelLimit,
+    ChannelLifespan,
+    Idle,
+    MaxAge,
     Error(WsError),
 }
 
@@ -90,6 +102,11 @@ impl End {
             End::SlowConsumer(why) => Some((close::TRY_AGAIN_LATER, why)),
             End::Unresponsive => Some((close::POLICY, "no answer to pings")),
             End::BadEnvelope => Some((close::POLICY, "malformed peer envelope")),
+            End::RateLimited => Some((close::POLICY, "message rate limit exceeded")),
+            End::ChannelLimit => Some((close::POLICY, "channel message limit reached")),
+            End::ChannelLifespan => Some((close::POLICY, "channel lifespan over")),
+            End::Idle => Some((close::GOING_AWAY, "idle timeout")),
+            End::MaxAge => Some((close::GOING_AWAY, "maximum connection age reached")),
             End::ClientClosed | End::Disconnected | End::Error(_) => None,
         }
     }
@@ -135,20 +152,37 @@ pub async fn run<S>(
             return;
         }
     };
+    // A backplane with shared history (NATS) brings it into the channel first, so a
+    // client joining here gets the cluster's history too. The backplane bounds the wait.
+    if !peer {
+        tokio::select! {
+            _ = shared.hub.ready(&join.channel) => {}
+            _ = shutdown.recv() => {
+                send_close(&mut ws, close::GOING_AWAY, "server shutting down").await;
+                return;
+            }
+        }
+    }
     // A peer link's join is plumbing, not a person: it stays out of history.
-    let (kind, mode, join_frame) = if peer {
-        (MemberKind::Peer, Mode::PeerEnvelope, None)
+    let (mode, joined) = if peer {
+        let joined = shared
+            .hub
+            .join(&join.channel, &join.uid, MemberKind::Peer, None);
+        (Mode::PeerEnvelope, joined)
     } else {
-        (
-            MemberKind::Client,
-            Mode::Client,
-            Some(Message::text(join.history_frame.clone())),
-        )
+        let frame = Message::text(join.history_frame.clone());
+        let joined = shared
+            .hub
+            .join_client(&join.channel, &join.uid, frame, join.presence);
+        (Mode::Client, joined)
     };
-    let member = match shared.hub.join(&join.channel, &join.uid, kind, join_frame) {
+    let member = match joined {
         Ok(member) => member,
         Err(e) => {
-            shared.metrics.bad_first_frame("duplicate_uid");
+            shared.metrics.bad_first_frame(match e {
+                crate::hub::JoinError::DuplicateUid => "duplicate_uid",
+                crate::hub::JoinError::ChannelFull => "channel_full",
+            });
             send_close(&mut ws, close::POLICY, &e.to_string()).await;
             return;
         }
@@ -232,6 +266,7 @@ where
         end = read_frames(&mut stream, member, shared, &clock, mode) => end,
         end = write_frames(&mut sink, member, shared, &clock, mode) => end,
         end = watch_liveness(config, &clock) => end,
+        end = client_limits(config, member, &clock, mode) => end,
         _ = shutdown.recv() => End::Shutdown,
     };
     if let Some((code, reason)) = end.close_frame() {
@@ -244,10 +279,46 @@ where
     end
 }
 
-/// When the client was last heard from, in milliseconds since the session began.
+/// Ends a client's session at its idle timeout, its maximum age or its channel's end of
+/// life, whichever comes first. Peer links have none of these.
+async fn client_limits(config: &SessionConfig, member: &Member, clock: &Clock, mode: Mode) -> End {
+    if mode != Mode::Client {
+        return std::future::pending().await;
+    }
+    let far = Duration::from_secs(100 * 365 * 24 * 3600);
+    let started = tokio::time::Instant::now();
+    let age = tokio::time::sleep_until(started + config.max_age.unwrap_or(far));
+    let lifespan = tokio::time::sleep_until(
+        member
+            .channel()
+            .end_of_life()
+            .map_or(started + far, tokio::time::Instant::from_std),
+    );
+    let idle = async {
+        let Some(limit) = config.idle_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let quiet = clock.since_data();
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet).await;
+        }
+    };
+    tokio::select! {
+        _ = age => End::MaxAge,
+        _ = lifespan => End::ChannelLifespan,
+        _ = idle => End::Idle,
+    }
+}
+
+/// When the client was last heard from (any frame) and last sent data, in milliseconds
+/// since the session began.
 struct Clock {
     start: Instant,
     last_heard: AtomicU64,
+    last_data: AtomicU64,
 }
 
 impl Clock {
@@ -255,7 +326,18 @@ impl Clock {
         Clock {
             start: Instant::now(),
             last_heard: AtomicU64::new(0),
+            last_data: AtomicU64::new(0),
         }
+    }
+
+    fn data(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_data.store(now, Ordering::Relaxed);
+    }
+
+    fn since_data(&self) -> Duration {
+        let last = Duration::from_millis(self.last_data.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
     }
 
     fn heard(&self) {
@@ -279,14 +361,27 @@ async fn read_frames<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut rate = match (mode, shared.config.session.message_rate) {
+        (Mode::Client, Some((max, window))) => Some(MessageRate::new(max, window)),
+        _ => None,
+    };
     while let Some(frame) = stream.next().await {
         clock.heard();
         match frame {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                clock.data();
                 shared.metrics.messages_in.inc();
                 shared.metrics.bytes_in.inc_by(msg.len() as u64);
+                if rate.as_mut().is_some_and(|r| !r.allow()) {
+                    shared.metrics.rate_limited.inc();
+                    return End::RateLimited;
+                }
                 match mode {
-                    Mode::Client => member.publish(msg),
+                    Mode::Client => {
+                        if member.publish(msg).is_err() {
+                            return End::ChannelLimit;
+                        }
+                    }
                     Mode::PeerPlain => {
                         member.relay_by_content(msg);
                     }

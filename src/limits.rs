@@ -1,0 +1,117 @@
+//! Rate limits a client can run into: new connections per IP address (a token bucket per
+//! address, checked before any TLS or HTTP work) and frames per connection (a fixed window).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Addresses tracked at most; past this, idle full buckets are dropped first.
+const MAX_TRACKED: usize = 100_000;
+
+/// Connections per minute per IP address, with a burst of the same size.
+pub struct IpRateLimiter {
+    per_minute: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl IpRateLimiter {
+    pub fn new(per_minute: u32) -> IpRateLimiter {
+        IpRateLimiter {
+            per_minute: f64::from(per_minute),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `ip`; false when it is over its rate.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_canonical(),
+            v4 => v4,
+        };
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED {
+            let full = self.per_minute;
+            let per_sec = full / 60.0;
+            buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * per_sec < full);
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((self.per_minute, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0)
+            .min(self.per_minute);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets addresses whose buckets have refilled; call now and then.
+    pub fn sweep(&self) {
+        let full = self.per_minute;
+        let per_sec = full / 60.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * per_sec < full);
+    }
+}
+
+/// At most `max` frames in each `window`.
+pub struct MessageRate {
+    max: u32,
+    window: Duration,
+    started: Instant,
+    count: u32,
+}
+
+impl MessageRate {
+    pub fn new(max: u32, window: Duration) -> MessageRate {
+        MessageRate {
+            max,
+            window,
+            started: Instant::now(),
+            count: 0,
+        }
+    }
+
+    /// Counts a frame; false when the window's budget is spent.
+    pub fn allow(&mut self) -> bool {
+        if self.started.elapsed() >= self.window {
+            self.started = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_address_gets_its_burst_then_is_refused() {
+        let limiter = IpRateLimiter::new(3);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        assert!((0..3).all(|_| limiter.admit(a)));
+        assert!(!limiter.admit(a));
+        assert!(limiter.admit(b), "another address has its own bucket");
+        assert!(limiter.admit("127.0.0.2".parse().unwrap()));
+        assert!(limiter.admit("127.0.0.2".parse().unwrap()));
+        assert!(
+            !limiter.admit("127.0.0.2".parse().unwrap()),
+            "v4-mapped v6 is the same address"
+        );
+    }
+
+    #[test]
+    fn the_message_window_resets() {
+        let mut rate = MessageRate::new(2, Duration::from_millis(50));
+        assert!(rate.allow() && rate.allow());
+        assert!(!rate.allow());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(rate.allow());
+    }
+}

@@ -330,24 +330,31 @@ impl Clock {
         }
     }
 
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn since(&self, mark: &AtomicU64) -> Duration {
+        let last = Duration::from_millis(mark.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
+    /// A data frame arrived (also counts as hearing from the client).
     fn data(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last_data.store(now, Ordering::Relaxed);
+        self.last_data.store(self.now(), Ordering::Relaxed);
     }
 
     fn since_data(&self) -> Duration {
-        let last = Duration::from_millis(self.last_data.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+        self.since(&self.last_data)
     }
 
+    /// Any frame arrived.
     fn heard(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last_heard.store(now, Ordering::Relaxed);
+        self.last_heard.store(self.now(), Ordering::Relaxed);
     }
 
     fn silence(&self) -> Duration {
-        let last = Duration::from_millis(self.last_heard.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+        self.since(&self.last_heard)
     }
 }
 

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -87,41 +87,16 @@ async fn metrics_count_real_traffic() {
 
 #[tokio::test]
 async fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mles"))
-        .args([
-            "--tls",
-            "off",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ])
-        .arg("--wwwroot")
-        .arg(static_root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut process = spawn_binary(port, &[]).await;
     let mut clients = Vec::new();
     for i in 0..5 {
         clients.push(join(addr, &format!("u{i}"), "bye").await);
     }
     let mut last = join(addr, "last", "bye").await;
     recv_texts(&mut last, 5).await; // everyone has joined
+    let child = &mut process.0;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 async fn with_cache(cache: &Path) -> TestServer {
@@ -129,59 +128,13 @@ async fn damaged_history_files_are_detected_and_skipped() {
     assert_eq!(recv_text(&mut r2).await, "fresh works");
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_binary(port: u16, cache: &Path) -> Process {
-    Process(
-        Command::new(env!("CARGO_BIN_EXE_mles"))
-            .args([
-                "--tls",
-                "off",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .arg("--cache")
-            .arg(cache)
-            .arg("--wwwroot")
-            .arg(static_root())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mles binary starts"),
-    )
-}
-
-async fn wait_listening(addr: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn history_survives_kill_9_within_the_documented_bound() {
     let cache = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut process = spawn_binary(port, cache.path());
-    wait_listening(addr).await;
+    let cache_arg = [std::ffi::OsStr::new("--cache"), cache.path().as_os_str()];
+    let mut process = spawn_binary(port, &cache_arg).await;
     let mut a = join(addr, "a", "crash").await;
     let mut b = join(addr, "b", "crash").await;
     recv_text(&mut b).await;
@@ -198,8 +151,7 @@ async fn history_survives_kill_9_within_the_documented_bound() {
     process.0.wait().unwrap();
     drop((a, b));
 
-    let _process = spawn_binary(port, cache.path());
-    wait_listening(addr).await;
+    let _process = spawn_binary(port, &cache_arg).await;
     let got = history_of(addr, "crash", 30).await;
     let want: Vec<String> = (0..30).map(|i| format!("c{i}")).collect();
     assert_eq!(got, want);

@@ -37,22 +37,33 @@
 //! and `/health` answers `200 DEGRADED: nats` meanwhile (200, because this server still
 //! serves its own members and a load balancer should keep it).
 //!
-//! A link whose publish fails (no ack within 5 s) ends and starts afresh once NATS is back:
-//! it re-joins the channel and publishes every frame in the channel's local history that
-//! entered here and was not acknowledged yet, in order, then reads the channel's subject from
-//! the start again (frames already here are dropped by key). So across an outage:
-//! - members on the same server as a publisher miss nothing;
-//! - frames published during the outage reach the other servers' members after the
-//!   reconnect, late but once and in each publisher's order — except those no longer in the
-//!   publishing server's local history by then (more than `--limit` frames, or more than
-//!   `--channel-bytes`, newer ones behind them), and those of a server that was stopped
-//!   before NATS came back: those never reach the other servers;
-//! - a member that left before the reconnect never gets the other servers' outage frames
-//!   (joining again later, it finds them in history);
-//! - frames of a server whose channel had no local clients for longer than `--peer-grace`
-//!   when NATS came back are published when a client joins that channel there again;
-//! - if the JetStream store itself was lost, history from before the outage is gone from
-//!   NATS (servers keep their local history).
+//! A link starts a new session whenever the connection comes back, and whenever a publish
+//! fails (no ack within 5 s): it re-joins the channel, publishes, in order, every frame of
+//! the channel's local history that entered here and JetStream has not acknowledged, and
+//! reads the channel's subject from the start again (frames already here are dropped by
+//! their key). Publishes made while disconnected also wait in the NATS client's buffer and
+//! go out on reconnect; JetStream drops the copies by `Nats-Msg-Id`. So across an outage:
+//! - members on the same server as the publisher miss nothing and wait for nothing;
+//! - members on other servers get the frames published during the outage after the
+//!   reconnect: late, once, and in each publisher's order (but after frames other servers
+//!   published meanwhile). Lost for them are frames that had left the publishing server's
+//!   local history by then (more than `--limit`, or `--channel-bytes`, of newer frames in
+//!   that channel) without having got through the client's buffer, and everything a server
+//!   held back if it was stopped before NATS came back;
+//! - a member that leaves before the reconnect never gets the other servers' outage frames
+//!   live (they are in the history the next time it joins);
+//! - a client that joins while NATS is down does not wait for the cluster's history: when
+//!   the link comes back, the frames of the stream it lacks arrive as live frames, and
+//!   join frames of other servers' clients (history only) not at all;
+//! - frames held back by a server whose channel has had no local client for `--peer-grace`
+//!   by the reconnect are published when a client joins that channel there again;
+//! - an outage longer than the duplicate window (two minutes) can leave a frame twice in the
+//!   stream (still delivered once: every server drops a key it has stored);
+//! - if the JetStream store itself is lost, the history from before is gone from NATS
+//!   (servers keep their local history, and serve it to their own joiners).
+//!
+//! A stopping server publishes what its channels still hold for up to 2 s; frames that
+//! arrived in its last moments may not make it if the process exits first.
 //!
 //! A frame larger than the NATS server's `max_payload` (1 MiB by default; raise it to at
 //! least `--max-message-size`) is delivered locally but cannot be published; it is logged and
@@ -109,6 +120,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 const ACTIVITY_STEP: Duration = Duration::from_millis(250);
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Why a link starts a new session after NATS came back.
+const RECONNECTED: &str = "NATS reconnected: starting over";
 /// Origins remembered per channel for "already published".
 const ORIGINS_KEPT: usize = 1024;
 /// Past link members remembered per channel (their frames came from NATS).
@@ -117,8 +130,8 @@ const LINK_MEMBERS_KEPT: usize = 64;
 /// Characters escaped in the origin header: controls, and those that frame it.
 const ORIGIN_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b':');
 
-/// NATS settings, validated.
-#[derive(Clone, Debug)]
+/// NATS settings, validated. (Its `Debug` leaves out URL credentials.)
+#[derive(Clone)]
 pub struct NatsConfig {
     pub urls: Vec<ServerAddr>,
     /// Credentials file (JWT and NKey seed).
@@ -131,6 +144,23 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// How long a link stays up after its channel's last local client left.
     pub grace: Duration,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| format!("{}:{}", u.host(), u.port()))
+            .collect();
+        f.debug_struct("NatsConfig")
+            .field("servers", &servers)
+            .field("creds", &self.creds)
+            .field("ca", &self.ca)
+            .field("replicas", &self.replicas)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NatsConfig {
@@ -233,6 +263,9 @@ pub struct Nats {
     shared: Weak<Shared>,
     config: NatsConfig,
     client: Client,
+    /// Counts connections made: a link starts over after a reconnect, since the server
+    /// may have lost its consumer (a restarted NATS server has).
+    connections: Arc<watch::Sender<u64>>,
     js: async_nats::jetstream::Context,
     /// The stream, once created or updated on this connection.
     stream: tokio::sync::Mutex<Option<stream::Stream>>,
@@ -270,7 +303,10 @@ impl Sent {
     fn acked(&mut self, key: &MsgKey) {
         self.tick += 1;
         let tick = self.tick;
-        let slot = self.acked.entry(key.origin.clone()).or_insert((key.seq, tick));
+        let slot = self
+            .acked
+            .entry(key.origin.clone())
+            .or_insert((key.seq, tick));
         *slot = (slot.0.max(key.seq), tick);
         if self.acked.len() > ORIGINS_KEPT {
             if let Some(oldest) = self
@@ -305,7 +341,8 @@ impl Nats {
     /// Connects in the background (the server starts even while NATS is down) and creates
     /// or updates the stream as soon as NATS answers. Fails only on bad settings.
     pub async fn connect(shared: Weak<Shared>, config: NatsConfig) -> Result<Arc<Nats>, Error> {
-        let bad = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("NATS {what}: {e}"));
+        let bad =
+            |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("NATS {what}: {e}"));
         let mut options = ConnectOptions::new();
         if let Some(creds) = &config.creds {
             options = options
@@ -324,6 +361,8 @@ impl Nats {
             .map(|s| format!("mles {}", s.config.server_id))
             .unwrap_or_else(|| "mles".into());
         let events = shared.clone();
+        let connections = Arc::new(watch::Sender::new(0u64));
+        let counter = connections.clone();
         let was_connected = Arc::new(AtomicBool::new(false));
         options = options
             .name(name)
@@ -332,11 +371,13 @@ impl Nats {
             .event_callback(move |event| {
                 let shared = events.upgrade();
                 let was_connected = was_connected.clone();
+                let counter = counter.clone();
                 async move {
                     let Some(shared) = shared else { return };
                     let metrics = &shared.metrics;
                     match event {
                         Event::Connected => {
+                            counter.send_modify(|n| *n += 1);
                             metrics.nats_connected.set(1);
                             if was_connected.swap(true, Ordering::Relaxed) {
                                 metrics.nats_reconnects.inc();
@@ -352,6 +393,7 @@ impl Nats {
                             metrics.nats_connected.set(0);
                             info!("NATS connection closed");
                         }
+                        Event::ClientError(e) => debug!("NATS: {e}"),
                         other => warn!("NATS: {other}"),
                     }
                 }
@@ -365,6 +407,7 @@ impl Nats {
             shared,
             config,
             client,
+            connections,
             js,
             stream: tokio::sync::Mutex::new(None),
             links: Mutex::new(Links::default()),
@@ -474,7 +517,10 @@ impl Backplane for Arc<Nats> {
             if connected {
                 let waited = tokio::time::timeout(READY_TIMEOUT, caught_up.wait_for(|c| *c));
                 if waited.await.is_err() {
-                    debug!("channel {}: joining before its NATS history caught up", link.name);
+                    debug!(
+                        "channel {}: joining before its NATS history caught up",
+                        link.name
+                    );
                 }
             }
         })
@@ -486,7 +532,9 @@ impl Backplane for Arc<Nats> {
 async fn prepare_stream(nats: Weak<Nats>) {
     loop {
         let Some(nats) = nats.upgrade() else { return };
-        let Some(shared) = nats.shared.upgrade() else { return };
+        let Some(shared) = nats.shared.upgrade() else {
+            return;
+        };
         if shared.shutdown.is_shutdown() {
             return;
         }
@@ -518,6 +566,7 @@ async fn run_link(nats: &Nats, shared: &Arc<Shared>, link: &Link) {
             let began = Instant::now();
             match session(nats, shared, link, &mut activity).await {
                 Ok(()) => return,
+                Err(e) if e == RECONNECTED => info!("NATS link for channel {}: {e}", link.name),
                 Err(e) => warn!("NATS link for channel {}: {e}", link.name),
             }
             link.caught_up.send_replace(false);
@@ -576,6 +625,7 @@ async fn session(
     activity: &mut Activity,
 ) -> Result<(), String> {
     link.caught_up.send_replace(false);
+    let mut reconnected = nats.connections.subscribe();
     let stream = nats.stream(shared).await?;
     let subject = subject(&link.name);
     // Where the subject ends now: the consumer has caught up once it read this far.
@@ -627,7 +677,8 @@ async fn session(
                 None => debug!("skipping a message on {subject} without Mles headers"),
             }
             if sequence >= last || pending == 0 {
-                link.caught_up.send_if_modified(|c| !std::mem::replace(c, true));
+                link.caught_up
+                    .send_if_modified(|c| !std::mem::replace(c, true));
             }
         }
         Err::<(), String>("the consumer ended".to_string())
@@ -640,9 +691,21 @@ async fn session(
             _ = activity.wait_inactive(shared, &link.name, nats.config.grace) => {}
         }
     };
+    // A channel past its lifespan is replaced by a new one of the same name.
+    let renewed = async {
+        loop {
+            tokio::time::sleep(ACTIVITY_STEP).await;
+            let current = shared.hub.channel(&link.name);
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, member.channel())) {
+                return;
+            }
+        }
+    };
     let failed = tokio::select! {
         result = consume => result.err(),
         result = publish => result.err(),
+        _ = reconnected.changed() => Some(RECONNECTED.to_string()),
+        _ = renewed => Some("the channel was renewed: joining the new one".to_string()),
         _ = stop => None,
     };
     if let Some(e) = failed {
@@ -698,7 +761,9 @@ async fn publish_batch(
         if !link.sent().needs_publishing(&entry) {
             continue;
         }
-        match nats.js.send_publish(subject.to_string(), encode(&entry)).await {
+        let (headers, payload) = encode(&entry);
+        let message = PublishMessage::build().payload(payload).headers(headers);
+        match nats.js.send_publish(subject.to_string(), message).await {
             Ok(ack) => acks.push((entry.key, ack)),
             Err(e) => {
                 shared.metrics.nats_publish_failures.inc();
@@ -728,8 +793,8 @@ async fn publish_batch(
     Ok(())
 }
 
-/// A stored entry as a NATS message.
-fn encode(entry: &Entry) -> PublishMessage {
+/// A stored entry as a NATS message: its headers (`Nats-Msg-Id` included) and payload.
+fn encode(entry: &Entry) -> (HeaderMap, Bytes) {
     let (kind, payload): (&str, Bytes) = match &entry.msg {
         Message::Text(text) => ("text", Bytes::from(text.clone())),
         Message::Binary(data) => ("binary", data.clone()),
@@ -742,10 +807,8 @@ fn encode(entry: &Entry) -> PublishMessage {
     headers.insert(HEADER_SEQ, entry.key.seq.to_string());
     let id = format!("{origin}:{}", entry.key.seq);
     headers.insert(HEADER_ORIGIN, origin);
-    PublishMessage::build()
-        .payload(payload)
-        .headers(headers)
-        .message_id(id)
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    (headers, payload)
 }
 
 /// The key, liveness and frame of a NATS message published by [`encode`].
@@ -842,12 +905,8 @@ mod tests {
             },
         ];
         for entry in entries {
-            let publish = encode(&entry);
-            let headers = publish.headers.clone();
-            let id = headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.as_str().to_string());
+            let (headers, payload) = encode(&entry);
+            let id = headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string());
             assert_eq!(
                 id,
                 Some(format!(
@@ -856,7 +915,7 @@ mod tests {
                     entry.key.seq
                 ))
             );
-            let (key, live, msg) = decode(&headers, &publish.payload).unwrap();
+            let (key, live, msg) = decode(&Some(headers), &payload).unwrap();
             assert_eq!(key, entry.key);
             assert_eq!(live, entry.live);
             assert_eq!(msg, entry.msg);
@@ -889,9 +948,58 @@ mod tests {
     }
 
     #[test]
+    fn flags_are_validated() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["mles", "--wwwroot", "."];
+            argv.extend_from_slice(extra);
+            crate::config::Config::from_args(
+                crate::config::Args::try_parse_from(argv).unwrap(),
+                None,
+            )
+        };
+        let c = parse(&[
+            "--nats",
+            "nats://127.0.0.1:4222,127.0.0.1:4223",
+            "--limit",
+            "7",
+        ])
+        .unwrap();
+        let nats = c.nats.expect("nats configured");
+        assert_eq!(nats.urls.len(), 2);
+        assert_eq!(nats.replicas, 1);
+        assert!(parse(&[]).unwrap().nats.is_none());
+        let err = |r: Result<crate::config::Config, Error>| r.unwrap_err().to_string();
+        assert!(
+            err(parse(&["--nats", "n:1", "--peer", "ws://127.0.0.1:1/"]))
+                .contains("--peer and --nats")
+        );
+        assert!(err(parse(&["--nats-ca", "Cargo.toml"])).contains("need --nats"));
+        assert!(
+            err(parse(&["--nats", "n:1", "--nats-creds", "/nonexistent"])).contains("cannot read")
+        );
+        assert!(err(parse(&[
+            "--nats",
+            "n:1",
+            "--nats-client-cert",
+            "Cargo.toml"
+        ]))
+        .contains("go together"));
+        assert!(err(parse(&["--nats", "http://x"])).contains("NATS URL"));
+        let debug = format!(
+            "{:?}",
+            NatsConfig::new("nats://me:secret@127.0.0.1:4222").unwrap()
+        );
+        assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
     fn urls_are_checked() {
         assert!(NatsConfig::new("nats://127.0.0.1:4222").is_ok());
-        assert_eq!(NatsConfig::new("127.0.0.1:1,tls://h:2").unwrap().urls.len(), 2);
+        assert_eq!(
+            NatsConfig::new("127.0.0.1:1,tls://h:2").unwrap().urls.len(),
+            2
+        );
         assert!(NatsConfig::new("http://x").is_err());
     }
 }

@@ -78,19 +78,8 @@ pub fn respond<B>(shared: &Shared, req: &Request<B>) -> Response<String> {
             )
         }
         "/health" if get => {
-            if shared.shutdown.is_shutdown() {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain; charset=utf-8",
-                    "shutting down".to_string(),
-                )
-            } else {
-                (
-                    StatusCode::OK,
-                    "text/plain; charset=utf-8",
-                    "OK".to_string(),
-                )
-            }
+            let (status, body) = shared.health();
+            (status, "text/plain; charset=utf-8", body)
         }
         "/metrics" | "/health" => (
             StatusCode::METHOD_NOT_ALLOWED,

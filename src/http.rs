@@ -48,16 +48,8 @@ pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, WarpRespo
 pub fn routes(shared: Arc<Shared>) -> Handler {
     let health_state = shared.clone();
     let health = warp::path!("health").and(warp::get()).map(move || {
-        if health_state.shutdown.is_shutdown() {
-            warp::reply::with_status("shutting down", StatusCode::SERVICE_UNAVAILABLE)
-                .into_response()
-        } else if let Some(part) = crate::nats::degraded(&health_state) {
-            // Still serving local members: 200, so a load balancer keeps this server.
-            warp::reply::with_status(format!("DEGRADED: {part}"), StatusCode::OK)
-                .into_response()
-        } else {
-            warp::reply::with_status("OK", StatusCode::OK).into_response()
-        }
+        let (status, body) = health_state.health();
+        warp::reply::with_status(body, status).into_response()
     });
     let metrics_state = shared.clone();
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {

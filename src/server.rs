@@ -44,6 +44,19 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What `/health` answers: 503 once shutdown has begun; 200 `DEGRADED: …` while a
+    /// backplane is down (local members are still served, so a load balancer should keep
+    /// this server); else 200 `OK`.
+    pub fn health(&self) -> (::http::StatusCode, String) {
+        if self.shutdown.is_shutdown() {
+            (::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down".into())
+        } else if let Some(part) = crate::nats::degraded(self) {
+            (::http::StatusCode::OK, format!("DEGRADED: {part}"))
+        } else {
+            (::http::StatusCode::OK, "OK".into())
+        }
+    }
+
     /// Applies the per-IP accept rate; counts and logs a refusal.
     fn admit(&self, peer: SocketAddr) -> bool {
         let admitted = self.ip_limiter.as_ref().is_none_or(|l| l.admit(peer.ip()));

@@ -1,0 +1,214 @@
+//! The servers under test as child processes, and what /proc says about them.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// Which server a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Mles,
+    Relay,
+    /// A server this bench did not start (`--server`).
+    External,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Mles => "mles",
+            Kind::Relay => "relay",
+            Kind::External => "server",
+        }
+    }
+}
+
+/// How to start each server.
+pub struct Launch {
+    pub mles: PathBuf,
+    pub mles_args: Vec<String>,
+    pub relay: PathBuf,
+    pub workdir: PathBuf,
+}
+
+/// A running server child; killed on drop if not stopped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    log: PathBuf,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Launch {
+    pub async fn start(&self, kind: Kind, tls: bool) -> Result<Server, String> {
+        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let www = self.workdir.join("www");
+        std::fs::create_dir_all(&www).map_err(|e| format!("{}: {e}", www.display()))?;
+        let log = self.workdir.join(format!("{}-{port}.log", kind.name()));
+        let mut cmd = match kind {
+            Kind::Mles => {
+                let mut cmd = Command::new(&self.mles);
+                cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                    .arg("--wwwroot")
+                    .arg(&www);
+                if tls {
+                    cmd.args(["--tls", "self-signed", "--domains", "localhost"]);
+                } else {
+                    cmd.args(["--tls", "off"]);
+                }
+                cmd.args(&self.mles_args);
+                cmd.env("RUST_LOG", "warn");
+                cmd
+            }
+            Kind::External => return Err("an external server is not started".into()),
+            Kind::Relay => {
+                let mut cmd = Command::new(&self.relay);
+                cmd.args(["relay", "--bind", "127.0.0.1", "--port", &port.to_string()]);
+                if tls {
+                    cmd.arg("--tls");
+                }
+                cmd
+            }
+        };
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", kind.name()))?;
+        let pid = child.id().ok_or("child has no pid")?;
+        let mut server = Server {
+            child,
+            addr,
+            pid,
+            log,
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+}
+
+impl Server {
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("server exited ({status}): {}", self.log_tail()));
+            }
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(format!(
+            "server not listening after 15 s: {}",
+            self.log_tail()
+        ))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// True while the child runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Resident memory of a process in bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU time a process has used in nanoseconds: the sum of its threads' run time from
+/// /proc/<pid>/task/*/schedstat (nanosecond resolution, unlike utime/stime).
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for task in dir.flatten() {
+        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+/// The mles binary next to this one (target/release/mles after `cargo build --release`).
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
+        .join(name)
+}
+
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+mod rlimit {
+    #[repr(C)]
+    pub struct RLimit {
+        pub cur: u64,
+        pub max: u64,
+    }
+    /// RLIMIT_NOFILE on Linux (all mainstream architectures).
+    pub const NOFILE: i32 = 7;
+    extern "C" {
+        pub fn getrlimit(resource: i32, limit: *mut RLimit) -> i32;
+        pub fn setrlimit(resource: i32, limit: *const RLimit) -> i32;
+    }
+}
+
+/// Raises the soft open-files limit to the hard one; children inherit it. Returns the soft
+/// limit in force afterwards.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+pub fn raise_nofile() -> u64 {
+    let mut limit = rlimit::RLimit { cur: 0, max: 0 };
+    // SAFETY: getrlimit/setrlimit from the C library std already links, with a properly
+    // sized and aligned `struct rlimit` (two rlim_t = u64 on 64-bit Linux).
+    unsafe {
+        if rlimit::getrlimit(rlimit::NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.cur < limit.max {
+            let raised = rlimit::RLimit {
+                cur: limit.max,
+                max: limit.max,
+            };
+            if rlimit::setrlimit(rlimit::NOFILE, &raised) == 0 {
+                limit.cur = limit.max;
+            }
+        }
+    }
+    limit.cur
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+pub fn raise_nofile() -> u64 {
+    0
+}

@@ -51,7 +51,7 @@ const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Read buffer per socket. Small, because idle connections are the common case and a
 /// large frame grows the buffer only while it is being read.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 
 impl SessionConfig {
     /// The tungstenite limits for a server-side socket.
@@ -513,22 +513,23 @@ where
                 break;
             }
             let (count, bytes) = (batch.len(), batch.iter().map(Message::len).sum::<usize>());
-            for msg in batch.drain(..) {
-                match tokio::time::timeout(config.write_timeout, sink.feed(msg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return End::Error(e),
-                    Err(_) => return End::SlowConsumer("too slow: write stalled"),
+            // One timer for the whole batch: a timer per frame cost more than the frame.
+            let feed_all = async {
+                for msg in batch.drain(..) {
+                    sink.feed(msg).await?;
                 }
+                Ok(())
+            };
+            if let Err(end) = within(config.write_timeout, feed_all).await {
+                return end;
             }
             shared.metrics.messages_out.inc_by(count as u64);
             shared.metrics.bytes_out.inc_by(bytes as u64);
             fed = true;
         }
         if fed {
-            match tokio::time::timeout(config.write_timeout, sink.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return End::Error(e),
-                Err(_) => return End::SlowConsumer("too slow: write stalled"),
+            if let Err(end) = within(config.write_timeout, sink.flush()).await {
+                return end;
             }
             continue;
         }
@@ -536,15 +537,25 @@ where
             _ = member.pending() => {}
             _ = ping.tick() => {
                 if clock.silence() >= config.ping_interval {
-                    let sent = tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Default::default()))).await;
-                    match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return End::Error(e),
-                        Err(_) => return End::SlowConsumer("too slow: write stalled"),
+                    let ping = sink.send(Message::Ping(Default::default()));
+                    if let Err(end) = within(config.write_timeout, ping).await {
+                        return end;
                     }
                 }
             }
         }
+    }
+}
+
+/// Runs a write to the socket; one that stalls for `limit` means the member is too slow.
+async fn within(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), End> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Error(e)),
+        Err(_) => Err(End::SlowConsumer("too slow: write stalled")),
     }
 }
 

@@ -21,7 +21,7 @@ async fn every_bad_first_frame_is_closed_with_1008_and_a_reason() {
         (Message::text(r#"{"uid":"u"}"#), "'channel' missing"),
         (
             Message::text(r#"{"uid":1,"channel":"c"}"#),
-            "'uid' must be a string",
+            "'uid' has the wrong type",
         ),
         (
             Message::text(r#"{"uid":"u","channel":""}"#),
@@ -33,7 +33,7 @@ async fn every_bad_first_frame_is_closed_with_1008_and_a_reason() {
         ),
         (
             Message::text(r#"{"uid":"u","channel":"c","auth":5}"#),
-            "'auth' must be a string",
+            "'auth' has the wrong type",
         ),
         (
             Message::binary(br#"{"uid":"u","channel":"c"}"#.to_vec()),

@@ -65,6 +65,7 @@ async fn joining_during_heavy_traffic_has_no_gap_and_no_duplicate() {
     let server = start_with(|c| {
         c.hub.history_limit = 200;
         c.hub.queue_frames = 4096;
+        c.session.message_rate = None; // the publisher floods on purpose
     })
     .await;
     let mut publisher = join(server.addr, "pub", "busy").await;

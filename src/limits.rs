@@ -1,5 +1,6 @@
-//! Rate limits a client can run into: new connections per IP address (a token bucket per
-//! address, checked before any TLS or HTTP work) and frames per connection (a fixed window).
+//! Rates: the limits a client can run into — new connections per IP address (a token
+//! bucket per address, checked before any TLS or HTTP work) and frames per connection (a
+//! fixed window) — and the backoff this server's own reconnects (peer links, NATS) keep to.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -86,6 +87,42 @@ impl MessageRate {
     }
 }
 
+/// Capped exponential backoff with jitter: delays start near `start`, double per attempt
+/// up to `cap`, each half fixed and half random so reconnects spread out.
+pub struct Backoff {
+    start: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(start: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            start,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// Starts over from the shortest delay (after a connection that lasted).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
+        let ceiling = self
+            .start
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt += 1;
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        ceiling / 2 + ceiling.mul_f64((random % 1000) as f64 / 2000.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +141,22 @@ mod tests {
             !limiter.admit("127.0.0.2".parse().unwrap()),
             "v4-mapped v6 is the same address"
         );
+    }
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let (start, cap) = (Duration::from_millis(250), Duration::from_secs(30));
+        let mut b = Backoff::new(start, cap);
+        let first = b.next_delay();
+        assert!(first >= start / 2 && first <= start);
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= cap);
+        }
+        assert!(last >= cap / 2);
+        b.reset();
+        assert!(b.next_delay() <= start);
     }
 
     #[test]

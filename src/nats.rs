@@ -70,7 +70,6 @@
 //! counted in `mles_nats_publish_failures`.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -92,6 +91,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::hub::{Backplane, Channel, Entry, Member, MemberId, MemberKind, MsgKey};
+use crate::limits::Backoff;
 use crate::server::Shared;
 use crate::Error;
 
@@ -557,7 +557,7 @@ async fn prepare_stream(nats: Weak<Nats>) {
 async fn run_link(nats: &Nats, shared: &Arc<Shared>, link: &Link) {
     let mut shutdown = shared.shutdown.clone();
     let mut activity = Activity::new();
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_CAP);
     loop {
         if shutdown.is_shutdown() || activity.inactive(shared, &link.name, nats.config.grace) {
             return;
@@ -572,7 +572,7 @@ async fn run_link(nats: &Nats, shared: &Arc<Shared>, link: &Link) {
             link.caught_up.send_replace(false);
             nats.forget_stream().await;
             if began.elapsed() > BACKOFF_CAP {
-                backoff = Backoff::default();
+                backoff.reset();
             }
             backoff.next_delay()
         } else {
@@ -833,25 +833,6 @@ fn decode(headers: &Option<HeaderMap>, payload: &Bytes) -> Option<(MsgKey, bool,
         seq,
     };
     Some((key, live, msg))
-}
-
-/// Capped exponential backoff with jitter.
-#[derive(Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = BACKOFF_START
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(BACKOFF_CAP);
-        self.attempt += 1;
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        ceiling / 2 + ceiling.mul_f64((random % 1000) as f64 / 2000.0)
-    }
 }
 
 #[cfg(test)]

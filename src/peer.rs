@@ -18,7 +18,6 @@
 //! delivery: they are members like any other, with the same lag limits.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::hub::{Backplane, Channel, MemberKind};
+use crate::limits::Backoff;
 use crate::protocol::{self, PEER_HEADER, PEER_VERSION, SUBPROTOCOL};
 use crate::server::Shared;
 use crate::session::{self, Mode};
@@ -143,7 +143,7 @@ impl Backplane for Arc<Peers> {
 async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, index: usize) {
     let url = &peers.config.urls[index];
     let mut shutdown = shared.shutdown.clone();
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_CAP);
     loop {
         if shutdown.is_shutdown() || inactive(channel, peers.config.grace) {
             return;
@@ -187,7 +187,7 @@ async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, i
                 shared.metrics.peer_links_up.dec();
                 info!("link to {url} for channel {} down: {end:?}", channel.name());
                 if started.elapsed() > BACKOFF_CAP {
-                    backoff = Backoff::default();
+                    backoff.reset();
                 }
             }
             Err(e) => {
@@ -277,42 +277,9 @@ async fn connect(
     Ok((ws, envelopes))
 }
 
-/// Capped exponential backoff with full jitter.
-#[derive(Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = BACKOFF_START
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(BACKOFF_CAP);
-        self.attempt += 1;
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        // Half fixed, half random: spreads reconnects without collapsing to zero.
-        ceiling / 2 + ceiling.mul_f64((random % 1000) as f64 / 2000.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let mut b = Backoff::default();
-        let first = b.next_delay();
-        assert!(first >= BACKOFF_START / 2 && first <= BACKOFF_START);
-        let mut last = first;
-        for _ in 0..20 {
-            last = b.next_delay();
-            assert!(last <= BACKOFF_CAP);
-        }
-        assert!(last >= BACKOFF_CAP / 2);
-    }
 
     #[test]
     fn peer_urls_must_be_websocket_urls() {

@@ -49,7 +49,10 @@ impl Shared {
     /// this server); else 200 `OK`.
     pub fn health(&self) -> (::http::StatusCode, String) {
         if self.shutdown.is_shutdown() {
-            (::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down".into())
+            (
+                ::http::StatusCode::SERVICE_UNAVAILABLE,
+                "shutting down".into(),
+            )
         } else if let Some(part) = crate::nats::degraded(self) {
             (::http::StatusCode::OK, format!("DEGRADED: {part}"))
         } else {
@@ -148,7 +151,8 @@ impl Server {
             ip_limiter: config_ip_rate.map(IpRateLimiter::new),
         });
         if !shared.config.peers.urls.is_empty() {
-            let peers = crate::peer::Peers::new(Arc::downgrade(&shared), shared.config.peers.clone())?;
+            let peers =
+                crate::peer::Peers::new(Arc::downgrade(&shared), shared.config.peers.clone())?;
             shared.hub.set_backplane(Arc::new(peers));
         }
         if let Some(nats) = &shared.config.nats {
@@ -262,11 +266,28 @@ impl Server {
             Err(_) => warn!("shutdown grace period over with connections still open"),
         }
         if let Some(store) = &shared.store {
-            if tokio::time::timeout(SHUTDOWN_GRACE, store.sync()).await.is_err() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, store.sync())
+                .await
+                .is_err()
+            {
                 warn!("history not fully written at shutdown");
             }
         }
         Ok(())
+    }
+}
+
+/// The next connection on `listener`. Accept errors (out of file descriptors, mostly) are
+/// logged and retried after a pause instead of spinning.
+pub(crate) async fn accept(listener: &TcpListener, which: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                error!("accept on the {which} listener failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
@@ -278,15 +299,7 @@ async fn accept_loop(
     connections: &Arc<Semaphore>,
 ) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors or similar: back off instead of spinning.
-                error!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = accept(listener, "main").await;
         shared.metrics.connections_accepted.inc();
         if !shared.admit(peer) {
             continue;
@@ -419,14 +432,7 @@ async fn redirect_loop(
     connections: Arc<Semaphore>,
 ) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                error!("redirect accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = accept(&listener, "redirect").await;
         if !shared.admit(peer) {
             continue;
         }

@@ -837,8 +837,8 @@ mod tests {
         let b = client(&hub, "c", "b");
         assert_eq!(drain(&a).unwrap(), Vec::<String>::new());
         assert_eq!(drain(&b).unwrap(), vec!["join a"]);
-        a.publish(text("1"));
-        b.publish(text("2"));
+        a.publish(text("1")).unwrap();
+        b.publish(text("2")).unwrap();
         assert_eq!(drain(&a).unwrap(), vec!["2"]);
         assert_eq!(drain(&b).unwrap(), vec!["1"]);
     }
@@ -848,7 +848,7 @@ mod tests {
         let hub = hub(3, 10, 1 << 20);
         let a = client(&hub, "c", "a");
         for i in 0..5 {
-            a.publish(text(&i.to_string()));
+            a.publish(text(&i.to_string())).unwrap();
         }
         let late = client(&hub, "c", "late");
         assert_eq!(drain(&late).unwrap(), vec!["2", "3", "4"]);
@@ -875,7 +875,7 @@ mod tests {
         let publisher = client(&hub, "c", "p");
         drain(&fast).unwrap();
         for i in 0..10 {
-            publisher.publish(text(&i.to_string()));
+            publisher.publish(text(&i.to_string())).unwrap();
             assert_eq!(drain(&fast).unwrap(), vec![i.to_string()]);
         }
         assert_eq!(drain(&slow), Err(Lagged));
@@ -888,7 +888,7 @@ mod tests {
         let flooder = client(&hub, "c", "f");
         assert_eq!(drain(&flooder), Ok(vec!["join other".to_string()]));
         for i in 0..100 {
-            flooder.publish(text(&i.to_string()));
+            flooder.publish(text(&i.to_string())).unwrap();
         }
         assert_eq!(drain(&flooder), Ok(vec![]));
         drop(other);
@@ -906,7 +906,7 @@ mod tests {
             )
             .unwrap();
         for _ in 0..10 {
-            a.publish(Message::binary(vec![1u8; 4]));
+            a.publish(Message::binary(vec![1u8; 4])).unwrap();
         }
         let (_, bytes) = hub.channel("c").unwrap().stored();
         assert!(bytes <= 10, "ring holds {bytes} bytes");

@@ -82,7 +82,7 @@ async fn each_domain_is_served_from_its_own_folder_with_the_right_content_type()
         let (status, head, _) = get(&server, "localhost", path).await;
         assert_eq!(status, 200, "{path}");
         assert!(
-            head.contains(&format!("content-type: ")) && head.contains(mime),
+            head.contains("content-type: ") && head.contains(mime),
             "{path}: {head}"
         );
     }

@@ -150,7 +150,11 @@ pub struct Args {
     pub server_id: Option<String>,
     /// Answer peer links as a plain mles v2 server would, without envelopes (for
     /// interoperability testing).
-    #[arg(long = "plain-peer-protocol", env = "MLES_PLAIN_PEER_PROTOCOL", hide = true)]
+    #[arg(
+        long = "plain-peer-protocol",
+        env = "MLES_PLAIN_PEER_PROTOCOL",
+        hide = true
+    )]
     pub plain_peer_protocol: bool,
     /// NATS server with JetStream to share channels and history through with every server
     /// of a cluster, e.g. nats://host:4222 or tls://user:pass@host (repeatable, or comma
@@ -170,33 +174,61 @@ pub struct Args {
     #[arg(long = "nats-client-key", env = "MLES_NATS_CLIENT_KEY")]
     pub nats_client_key: Option<PathBuf>,
     /// Replicas of the JetStream stream holding channel history (in a NATS cluster).
-    #[arg(long = "nats-replicas", env = "MLES_NATS_REPLICAS", default_value_t = 1)]
+    #[arg(
+        long = "nats-replicas",
+        env = "MLES_NATS_REPLICAS",
+        default_value_t = 1
+    )]
     pub nats_replicas: usize,
     /// New connections accepted per minute from one IP address (0: no limit).
     #[arg(long = "ip-rate", env = "MLES_IP_RATE", default_value_t = 600)]
     pub ip_rate: u32,
     /// Frames a client may send per --message-window; over it the connection is closed
     /// with 1008 (0: no limit). Peer links are exempt.
-    #[arg(long = "message-rate", env = "MLES_MESSAGE_RATE", default_value_t = 1000)]
+    #[arg(
+        long = "message-rate",
+        env = "MLES_MESSAGE_RATE",
+        default_value_t = 1000
+    )]
     pub message_rate: u32,
     /// Seconds in a --message-rate window.
-    #[arg(long = "message-window", env = "MLES_MESSAGE_WINDOW", default_value_t = 1)]
+    #[arg(
+        long = "message-window",
+        env = "MLES_MESSAGE_WINDOW",
+        default_value_t = 1
+    )]
     pub message_window: u64,
     /// Seconds a client may send no frames before it is closed (0: never).
     #[arg(long = "idle-timeout", env = "MLES_IDLE_TIMEOUT", default_value_t = 0)]
     pub idle_timeout: u64,
     /// Seconds a client connection may last before it is closed (0: no limit).
-    #[arg(long = "max-connection-age", env = "MLES_MAX_CONNECTION_AGE", default_value_t = 0)]
+    #[arg(
+        long = "max-connection-age",
+        env = "MLES_MAX_CONNECTION_AGE",
+        default_value_t = 0
+    )]
     pub max_connection_age: u64,
     /// Most clients joined to one channel (0: no limit).
-    #[arg(long = "channel-max-members", env = "MLES_CHANNEL_MAX_MEMBERS", default_value_t = 0)]
+    #[arg(
+        long = "channel-max-members",
+        env = "MLES_CHANNEL_MAX_MEMBERS",
+        default_value_t = 0
+    )]
     pub channel_max_members: usize,
     /// Most frames clients may publish to one channel (0: no limit).
-    #[arg(long = "channel-max-messages", env = "MLES_CHANNEL_MAX_MESSAGES", default_value_t = 0)]
+    #[arg(
+        long = "channel-max-messages",
+        env = "MLES_CHANNEL_MAX_MESSAGES",
+        default_value_t = 0
+    )]
     pub channel_max_messages: u64,
     /// Seconds a channel lives from its creation; then its members are closed and its name
     /// starts afresh (0: forever).
-    #[arg(long = "channel-lifespan", env = "MLES_CHANNEL_LIFESPAN", default_value_t = 0)]
+    #[arg(
+        long = "channel-lifespan",
+        env = "MLES_CHANNEL_LIFESPAN",
+        default_value_t = 0
+    )]
     pub channel_lifespan: u64,
     /// Most connections open at once; more are refused before any TLS work.
     #[arg(
@@ -401,8 +433,12 @@ impl Config {
             return bad("--peer and --nats do not go together: with --nats the servers of a cluster share channels through NATS; to link a server outside the cluster, give it --peer to one of them".into());
         }
         let server_id = args.server_id.clone().unwrap_or_else(host_name);
-        if protocol::parse_join(&serde_json::json!({"uid": server_id, "channel": "x"}).to_string()).is_err() {
-            return bad(format!("--server-id '{server_id}' must be 1-256 printable ASCII characters"));
+        if protocol::parse_join(&serde_json::json!({"uid": server_id, "channel": "x"}).to_string())
+            .is_err()
+        {
+            return bad(format!(
+                "--server-id '{server_id}' must be 1-256 printable ASCII characters"
+            ));
         }
         let proxies = args
             .proxy

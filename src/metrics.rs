@@ -175,11 +175,31 @@ impl Metrics {
             "Frames whose publish to NATS failed (retried after reconnect unless too big)",
             m.nats_publish_failures.clone(),
         );
-        r.register("peer_links_up", "Links to peer servers that are up", m.peer_links_up.clone());
-        r.register("peer_link_failures", "Failed attempts to link to a peer", m.peer_link_failures.clone());
-        r.register("history_persist_dropped", "Frames not persisted because the disk fell behind", m.history_persist_dropped.clone());
-        r.register("history_corrupt_files", "History files found damaged or unreadable at start", m.history_corrupt_files.clone());
-        r.register("rate_limited", "Connections closed for exceeding the message rate", m.rate_limited.clone());
+        r.register(
+            "peer_links_up",
+            "Links to peer servers that are up",
+            m.peer_links_up.clone(),
+        );
+        r.register(
+            "peer_link_failures",
+            "Failed attempts to link to a peer",
+            m.peer_link_failures.clone(),
+        );
+        r.register(
+            "history_persist_dropped",
+            "Frames not persisted because the disk fell behind",
+            m.history_persist_dropped.clone(),
+        );
+        r.register(
+            "history_corrupt_files",
+            "History files found damaged or unreadable at start",
+            m.history_corrupt_files.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Connections closed for exceeding the message rate",
+            m.rate_limited.clone(),
+        );
         Metrics { registry, ..m }
     }
 

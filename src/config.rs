@@ -230,6 +230,14 @@ pub struct Args {
         default_value_t = 0
     )]
     pub channel_lifespan: u64,
+    /// Most channels held at once; past it the least recently active channel without
+    /// members is dropped, and when every channel has members new ones are refused (1013).
+    #[arg(
+        long = "max-channels",
+        env = "MLES_MAX_CHANNELS",
+        default_value_t = 100_000
+    )]
+    pub max_channels: usize,
     /// Most connections open at once; more are refused before any TLS work.
     #[arg(
         long = "max-connections",
@@ -468,6 +476,7 @@ impl Config {
                 max_members: nonzero(args.channel_max_members),
                 max_messages: nonzero(args.channel_max_messages),
                 lifespan: nonzero(args.channel_lifespan).map(Duration::from_secs),
+                max_channels: args.max_channels.max(1),
             },
             session: crate::session::SessionConfig {
                 max_message_size: args.max_message_size,

@@ -43,6 +43,10 @@ pub struct HubConfig {
     pub max_messages: Option<u64>,
     /// How long a channel lives from its creation.
     pub lifespan: Option<Duration>,
+    /// Most channels held at once; past it the least recently active channel without
+    /// members is dropped to make room, and if every channel has members new ones are
+    /// refused. Bounds the memory that clients creating channels can make the server hold.
+    pub max_channels: usize,
 }
 
 impl HubConfig {
@@ -83,6 +87,8 @@ pub enum JoinError {
     DuplicateUid,
     #[error("channel is full")]
     ChannelFull,
+    #[error("server channel limit reached")]
+    TooManyChannels,
 }
 
 /// A client's frame was refused: the channel reached its message limit.
@@ -158,6 +164,8 @@ pub trait Backplane: Send + Sync {
 /// Receives every stored frame, for persistence. Must not block.
 pub trait Recorder: Send + Sync {
     fn record(&self, channel: &Arc<Channel>, entry: &Entry);
+    /// The channel was dropped from the hub (evicted); its stored history can go.
+    fn forget(&self, channel: Arc<str>);
 }
 
 struct Ring {
@@ -515,6 +523,9 @@ impl Hub {
         // between finding it and joining it.
         let mut channels = self.channels();
         let name: Arc<str> = Arc::from(channel);
+        if !channels.contains_key(&name) && channels.len() >= self.shared.config.max_channels {
+            self.evict_idle(&mut channels)?;
+        }
         let mut chan = channels
             .entry(name.clone())
             .or_insert_with(|| Arc::new(Channel::new(name.clone(), self.shared.clone())))
@@ -591,6 +602,26 @@ impl Hub {
             }
         }
         Ok(member)
+    }
+
+    /// Drops the least recently active channel that has no members, to make room.
+    fn evict_idle(&self, channels: &mut HashMap<Arc<str>, Arc<Channel>>) -> Result<(), JoinError> {
+        let oldest = channels
+            .iter()
+            .filter_map(|(name, chan)| {
+                let ring = chan.lock();
+                ring.members
+                    .is_empty()
+                    .then(|| (ring.last_activity, name.clone()))
+            })
+            .min()
+            .map(|(_, name)| name)
+            .ok_or(JoinError::TooManyChannels)?;
+        channels.remove(&oldest);
+        if let Some(recorder) = self.shared.recorder.get() {
+            recorder.forget(oldest);
+        }
+        Ok(())
     }
 
     /// Removes channels that have had no members and no traffic for the expiry time.
@@ -802,6 +833,7 @@ mod tests {
                 max_members: None,
                 max_messages: None,
                 lifespan: None,
+                max_channels: 1000,
             },
             "test",
         )
@@ -962,6 +994,36 @@ mod tests {
     }
 
     #[test]
+    fn past_the_channel_cap_the_oldest_idle_channel_makes_room() {
+        let hub = Hub::new(
+            HubConfig {
+                history_limit: 5,
+                queue_frames: 5,
+                channel_bytes: 1000,
+                history_expiry: Duration::from_secs(60),
+                max_members: None,
+                max_messages: None,
+                lifespan: None,
+                max_channels: 2,
+            },
+            "t",
+        );
+        let busy = client(&hub, "busy", "a");
+        drop(client(&hub, "idle", "a"));
+        let _new = client(&hub, "new", "a");
+        assert!(
+            hub.channel("idle").is_none(),
+            "the idle channel was not evicted"
+        );
+        assert!(hub.channel("busy").is_some() && hub.channel("new").is_some());
+        assert_eq!(
+            hub.join("third", "a", MemberKind::Client, None).err(),
+            Some(JoinError::TooManyChannels)
+        );
+        drop(busy);
+    }
+
+    #[test]
     fn idle_channels_expire_but_joined_ones_stay() {
         let hub = Hub::new(
             HubConfig {
@@ -972,6 +1034,7 @@ mod tests {
                 max_members: None,
                 max_messages: None,
                 lifespan: None,
+                max_channels: 1000,
             },
             "t",
         );

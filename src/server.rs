@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::http::{self, Handler};
-use crate::hub::Hub;
+use crate::hub::{Hub, Recorder};
 use crate::limits::IpRateLimiter;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, Trigger};

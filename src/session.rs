@@ -179,11 +179,14 @@ pub async fn run<S>(
     let member = match joined {
         Ok(member) => member,
         Err(e) => {
-            shared.metrics.bad_first_frame(match e {
-                crate::hub::JoinError::DuplicateUid => "duplicate_uid",
-                crate::hub::JoinError::ChannelFull => "channel_full",
-            });
-            send_close(&mut ws, close::POLICY, &e.to_string()).await;
+            use crate::hub::JoinError;
+            let (metric, code) = match e {
+                JoinError::DuplicateUid => ("duplicate_uid", close::POLICY),
+                JoinError::ChannelFull => ("channel_full", close::POLICY),
+                JoinError::TooManyChannels => ("too_many_channels", close::TRY_AGAIN_LATER),
+            };
+            shared.metrics.bad_first_frame(metric);
+            send_close(&mut ws, code, &e.to_string()).await;
             return;
         }
     };

@@ -65,6 +65,10 @@ impl Recorder for Store {
             self.dropped.inc();
         }
     }
+
+    fn forget(&self, channel: Arc<str>) {
+        let _ = self.tx.try_send(Op::Forget(channel));
+    }
 }
 
 impl Store {
@@ -138,11 +142,6 @@ impl Store {
         if self.tx.send(Op::Sync(done)).await.is_ok() {
             let _ = synced.await;
         }
-    }
-
-    /// Deletes a channel's log (its history expired).
-    pub fn forget(&self, channel: Arc<str>) {
-        let _ = self.tx.try_send(Op::Forget(channel));
     }
 }
 

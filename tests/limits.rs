@@ -221,3 +221,29 @@ async fn presence_notices_go_only_to_members_that_asked() {
     );
     expect_nothing(&mut plain, Duration::from_millis(200)).await;
 }
+
+#[tokio::test]
+async fn past_the_channel_cap_idle_channels_make_room_and_busy_ones_are_kept() {
+    let server = start_with(|c| c.hub.max_channels = 2).await;
+    let mut a = join(server.addr, "a", "first").await;
+    send_text(&mut a, "old").await;
+    drop(a);
+    let shared = server.shared.clone();
+    eventually("first is idle", || {
+        shared.metrics.messages_in.get() == 1
+            && shared.hub.channel("first").map(|c| c.member_count()) == Some(0)
+    })
+    .await;
+    let _b = join(server.addr, "b", "second").await;
+    let _c = join(server.addr, "c", "third").await;
+    eventually("first evicted", || shared.hub.channel("first").is_none()).await;
+    // Every channel has members now: a new one is refused, existing ones still join.
+    let mut d = join(server.addr, "d", "fourth").await;
+    let (code, reason) = expect_close(&mut d).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1013, "server channel limit reached")
+    );
+    let mut e = join(server.addr, "e", "second").await;
+    assert_eq!(recv_text(&mut e).await, join_frame("b", "second"));
+}

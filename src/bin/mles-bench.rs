@@ -11,10 +11,16 @@
 //! target/release/mles-bench                 # every scenario
 //! target/release/mles-bench --quick         # smoke run
 //! target/release/mles-bench fanout-100 --repeat 3
+//! target/release/mles-bench cluster-fanout fanout-100 --repeat 3
 //! ```
+//!
+//! `cluster-fanout` starts a `nats-server -js` and three mles servers linked through it
+//! (the relay has no cluster mode), and is reported next to the single-server fanout-100.
 
 #[path = "mles_bench/client.rs"]
 mod client;
+#[path = "mles_bench/cluster.rs"]
+mod cluster;
 #[path = "mles_bench/procs.rs"]
 mod procs;
 #[path = "mles_bench/relay.rs"]
@@ -32,8 +38,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::Target;
+use crate::cluster::Cluster;
 use crate::procs::{Kind, Launch};
-use crate::scenario::{Opts, Outcome, Spec, Verdict};
+use crate::scenario::{Opts, Outcome, Spec, Targets, Verdict};
 use crate::stats::{duration_ns, si};
 
 #[derive(Parser)]
@@ -86,6 +93,10 @@ struct RunArgs {
     /// The mles binary (default: `mles` next to this binary).
     #[arg(long)]
     mles: Option<PathBuf>,
+    /// The nats-server binary for cluster-fanout (default: /usr/sbin/nats-server,
+    /// /usr/bin/nats-server or the first on PATH); without one the scenario is SKIPPED.
+    #[arg(long, value_name = "PATH")]
+    nats_server: Option<PathBuf>,
     /// Extra flag for mles (repeatable), e.g. --mles-arg=--queue-frames=4096.
     #[arg(long = "mles-arg", allow_hyphen_values = true)]
     mles_args: Vec<String>,
@@ -226,6 +237,10 @@ fn run_main(args: RunArgs) -> ExitCode {
         mles,
         mles_args,
         relay: std::env::current_exe().unwrap_or_else(|_| procs::sibling("mles-bench")),
+        nats_server: match &args.nats_server {
+            Some(path) => Some(path.clone()).filter(|p| p.is_file()),
+            None => cluster::nats_server(),
+        },
         workdir: std::env::temp_dir().join(format!("mles-bench-{}", std::process::id())),
     };
     let opts = Opts {
@@ -248,7 +263,7 @@ fn run_main(args: RunArgs) -> ExitCode {
     let all_pass = measured
         .iter()
         .flat_map(|m| m.runs.iter().flat_map(|(_, o)| o.iter()))
-        .all(|o| o.verdict == Verdict::Pass);
+        .all(|o| matches!(o.verdict, Verdict::Pass | Verdict::Skipped(_)));
     if all_pass {
         ExitCode::SUCCESS
     } else {
@@ -293,12 +308,31 @@ async fn measure_all(
             }
             for i in order {
                 let kind = kinds[i];
+                if spec.cluster {
+                    let outcome = match kind {
+                        // No cluster mode: no row, and n/a in the mles row's ratio.
+                        Kind::Relay if kinds.contains(&Kind::Mles) => continue,
+                        Kind::Relay => Outcome::new(Verdict::Skipped(
+                            "the minimal relay has no cluster mode".into(),
+                        )),
+                        Kind::External => Outcome::new(Verdict::Skipped(
+                            "the bench starts the cluster itself (nats-server and three mles), \
+                             not with --server"
+                                .into(),
+                        )),
+                        Kind::Mles => run_cluster(spec, launch, opts).await,
+                    };
+                    eprintln!("   {:<5} {}", kind.name(), describe(&outcome));
+                    runs[i].1.push(outcome);
+                    continue;
+                }
                 if let Some((addr, pid)) = external {
                     let target = Target {
                         addr,
                         tls: spec.tls.then(|| tls.clone()),
                     };
-                    let outcome = scenario::run(spec, &target, pid, opts).await;
+                    let pids: Vec<u32> = pid.into_iter().collect();
+                    let outcome = scenario::run(spec, &Targets::single(target), &pids, opts).await;
                     eprintln!("   {:<5} {}", kind.name(), describe(&outcome));
                     runs[i].1.push(outcome);
                     continue;
@@ -310,7 +344,8 @@ async fn measure_all(
                             tls: spec.tls.then(|| tls.clone()),
                         };
                         let mut outcome =
-                            scenario::run(spec, &target, Some(server.pid), opts).await;
+                            scenario::run(spec, &Targets::single(target), &[server.pid], opts)
+                                .await;
                         if !server.alive() {
                             outcome.verdict = Verdict::Error("server process died".into());
                         }
@@ -329,6 +364,66 @@ async fn measure_all(
         });
     }
     all
+}
+
+/// Servers in cluster-fanout: the publisher's and two for the subscribers.
+const CLUSTER_SIZE: usize = 3;
+
+/// One run of a cluster scenario: starts nats-server and the mles servers, publishes on s1
+/// to subscribers on the others, stops them all. Start and run share the scenario timeout.
+async fn run_cluster(spec: &Spec, launch: &Launch, opts: &Opts) -> Outcome {
+    let Some(binary) = &launch.nats_server else {
+        return Outcome::new(Verdict::Skipped(
+            "no nats-server (--nats-server, /usr/sbin/nats-server, /usr/bin/nats-server or on \
+             PATH; Debian package nats-server)"
+                .into(),
+        ));
+    };
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let started =
+        tokio::time::timeout_at(deadline, Cluster::start(launch, binary, CLUSTER_SIZE)).await;
+    let mut cluster = match started {
+        Ok(Ok(cluster)) => cluster,
+        Ok(Err(e)) => return Outcome::new(Verdict::Error(e)),
+        // Dropping the half-started cluster killed its processes.
+        Err(_) => return Outcome::new(Verdict::Timeout),
+    };
+    let target = |server: &procs::Server| Target {
+        addr: server.addr,
+        tls: None,
+    };
+    let targets = Targets {
+        publisher: target(&cluster.servers[0]),
+        subscribers: cluster.servers[1..].iter().map(target).collect(),
+    };
+    let opts = Opts {
+        timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        ..opts.clone()
+    };
+    let mut outcome = scenario::run(spec, &targets, &cluster.pids(), &opts).await;
+    for ((name, _), label) in outcome.server_cores_each.iter_mut().zip(cluster.names()) {
+        *name = label;
+    }
+    if let Some(dead) = cluster.dead() {
+        outcome.verdict = Verdict::Error(dead);
+    }
+    cluster.stop().await;
+    let limit = cluster::history_limit(&launch.mles_args);
+    if let Verdict::Fail(why) = &mut outcome.verdict {
+        if opts.window == 0 || opts.window > limit {
+            why.push_str(&format!(
+                "; note: the window ({}) exceeds the per-channel stream limit (--limit {limit}): \
+                 a server whose NATS link lags more frames than that behind the stream loses the \
+                 frames JetStream discarded (a window below the limit passes)",
+                if opts.window == 0 {
+                    "unlimited".to_string()
+                } else {
+                    opts.window.to_string()
+                }
+            ));
+        }
+    }
+    outcome
 }
 
 /// A one-line account of a run, for the progress log.
@@ -354,6 +449,14 @@ fn describe(o: &Outcome) -> String {
     if let Some(c) = o.server_cores {
         parts.push(format!("server {c:.2} cores"));
     }
+    if !o.server_cores_each.is_empty() {
+        let each: Vec<String> = o
+            .server_cores_each
+            .iter()
+            .map(|(name, c)| format!("{name} {c:.2}"))
+            .collect();
+        parts.push(format!("cores by process: {}", each.join(" ")));
+    }
     if let Some(c) = o.bench_cpu_per_delivery {
         parts.push(format!("bench {c:.0} ns CPU/delivery"));
     }
@@ -361,7 +464,9 @@ fn describe(o: &Outcome) -> String {
         parts.push(format!("RSS {:.1} KB/conn", r / 1000.0));
     }
     match &o.verdict {
-        Verdict::Fail(why) | Verdict::Error(why) => parts.push(format!("({why})")),
+        Verdict::Fail(why) | Verdict::Error(why) | Verdict::Skipped(why) => {
+            parts.push(format!("({why})"))
+        }
         _ => {}
     }
     parts.join(", ")
@@ -436,6 +541,17 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
             mles_args.join(" ")
         );
     }
+    if measured.iter().any(|m| m.spec.cluster) {
+        println!();
+        println!(
+            "cluster-fanout: one nats-server -js and {CLUSTER_SIZE} mles (`--server-id sN --nats \
+             nats://127.0.0.1:<port> --limit {}`) on loopback; the publisher joins s1, 50 \
+             subscribers each join s2 and s3, so every delivery crosses NATS JetStream; server CPU \
+             is that of all four processes. The relay has no cluster mode (n/a); compare with the \
+             single-server fanout-100 mles row next to it.",
+            cluster::history_limit(mles_args)
+        );
+    }
     println!();
     println!(
         "| scenario | server | connect/s | deliveries/s | p50 | p99 | p99.9 | exactly-once in order \
@@ -443,7 +559,20 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
     );
     println!("|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|");
     let mut summary = Summary::default();
-    for m in measured {
+    // cluster-fanout right after the single-server fanout-100 it is compared with.
+    let mut order: Vec<&Measured> = measured.iter().collect();
+    let single = order.iter().position(|m| m.spec.label == "fanout-100");
+    let clustered = order.iter().position(|m| m.spec.cluster);
+    if let (Some(single), Some(clustered)) = (single, clustered) {
+        let m = order.remove(clustered);
+        let at = if clustered < single {
+            single
+        } else {
+            single + 1
+        };
+        order.insert(at, m);
+    }
+    for m in order {
         let fig = figure(&m.spec);
         let pick = |kind: Kind| {
             m.runs
@@ -463,6 +592,7 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
             (Some(a), _) if a.verdict != Verdict::Pass => {
                 format!("{} (no score)", a.verdict.short())
             }
+            _ if m.spec.cluster => "n/a (relay: no cluster mode)".into(),
             (_, Some(r)) => match fig {
                 Figure::Throughput => format!("**{r:.2}×** deliveries/s"),
                 Figure::Latency => format!("**{r:.2}×** p99"),
@@ -508,24 +638,33 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
         }
     }
     summary.print();
-    let notes: Vec<String> = measured
-        .iter()
-        .flat_map(|m| {
-            m.runs.iter().flat_map(move |(kind, outcomes)| {
-                outcomes.iter().filter_map(move |o| match &o.verdict {
-                    Verdict::Fail(why) | Verdict::Error(why) => {
-                        Some(format!("- {} / {}: {why}", m.spec.label, kind.name()))
-                    }
-                    _ => None,
+    let notes = |skipped: bool| -> Vec<String> {
+        let mut notes: Vec<String> = measured
+            .iter()
+            .flat_map(|m| {
+                m.runs.iter().flat_map(move |(kind, outcomes)| {
+                    outcomes.iter().filter_map(move |o| match &o.verdict {
+                        Verdict::Fail(why) | Verdict::Error(why) if !skipped => {
+                            Some(format!("- {} / {}: {why}", m.spec.label, kind.name()))
+                        }
+                        Verdict::Skipped(why) if skipped => {
+                            Some(format!("- {} / {}: {why}", m.spec.label, kind.name()))
+                        }
+                        _ => None,
+                    })
                 })
             })
-        })
-        .collect();
-    if !notes.is_empty() {
-        println!();
-        println!("Failures:");
-        for n in notes {
-            println!("{n}");
+            .collect();
+        notes.dedup();
+        notes
+    };
+    for (title, list) in [("Failures:", notes(false)), ("Skipped:", notes(true))] {
+        if !list.is_empty() {
+            println!();
+            println!("{title}");
+            for n in list {
+                println!("{n}");
+            }
         }
     }
 }
@@ -536,6 +675,10 @@ struct Summary {
     fanout: Vec<(String, Option<f64>)>,
     rss: Option<f64>,
     plain: Option<f64>,
+    /// p99 of mles in fanout-100, in nanoseconds.
+    plain_p99: Option<u64>,
+    /// cluster-fanout: mles's representative run (a failing or skipped one shows).
+    cluster: Option<Outcome>,
     tls: Option<f64>,
     p99: Option<f64>,
     /// Channels, and server CPU per delivery of mles and of the relay.
@@ -555,6 +698,7 @@ impl Summary {
         match fig {
             Figure::Memory => self.rss = mine.and_then(|o| o.rss_per_conn),
             Figure::Latency => self.p99 = ratio,
+            Figure::Throughput if spec.cluster => self.cluster = mles.cloned(),
             Figure::Throughput if spec.label.starts_with("channels-scaling/") => {
                 self.scaling.push((
                     spec.channels,
@@ -566,12 +710,40 @@ impl Summary {
                 self.fanout.push((spec.label.clone(), ratio));
                 if spec.label == "fanout-100" {
                     self.plain = mine.and_then(|o| o.per_sec);
+                    self.plain_p99 = mine.and_then(|o| o.latency).map(|l| l[1]);
                 }
                 if spec.label == "fanout-100-tls" {
                     self.tls = mine.and_then(|o| o.per_sec);
                 }
             }
         }
+    }
+
+    /// cluster-fanout against the single-server fanout-100 (no target: the figure itself).
+    fn cluster_line(&self, c: &Outcome) -> String {
+        let (Some(rate), Some([_, p99, _])) = (passed(Some(c)).and_then(|o| o.per_sec), c.latency)
+        else {
+            return match &c.verdict {
+                Verdict::Skipped(why) => format!("- cluster-fanout: skipped ({why})"),
+                v => format!("- cluster-fanout: no figure (mles {})", v.short()),
+            };
+        };
+        let mut line = format!(
+            "- cluster-fanout: mles across {CLUSTER_SIZE} servers through NATS {} deliveries/s, \
+             p99 {}",
+            si(rate),
+            duration_ns(p99)
+        );
+        if let (Some(plain), Some(plain_p99)) = (self.plain, self.plain_p99) {
+            line.push_str(&format!(
+                "; {:.0} % of single-server fanout-100's {} deliveries/s, p99 {:.1}× its {}",
+                rate / plain * 100.0,
+                si(plain),
+                p99 as f64 / plain_p99.max(1) as f64,
+                duration_ns(plain_p99)
+            ));
+        }
+        line
     }
 
     fn print(&self) {
@@ -586,6 +758,9 @@ impl Summary {
                 ),
                 None => format!("- {label}: no score (mles did not pass)"),
             });
+        }
+        if let Some(c) = &self.cluster {
+            lines.push(self.cluster_line(c));
         }
         if let Some(rss) = self.rss {
             lines.push(format!(

@@ -31,6 +31,8 @@ pub struct Launch {
     pub mles: PathBuf,
     pub mles_args: Vec<String>,
     pub relay: PathBuf,
+    /// For cluster scenarios; None when there is none.
+    pub nats_server: Option<PathBuf>,
     pub workdir: PathBuf,
 }
 
@@ -42,12 +44,17 @@ pub struct Server {
     log: PathBuf,
 }
 
-fn free_port() -> std::io::Result<u16> {
+pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Launch {
     pub async fn start(&self, kind: Kind, tls: bool) -> Result<Server, String> {
+        self.spawn(kind, tls, &[]).await
+    }
+
+    /// Starts a server; `extra` flags go to mles before the bench's own mles flags.
+    pub async fn spawn(&self, kind: Kind, tls: bool, extra: &[String]) -> Result<Server, String> {
         let port = free_port().map_err(|e| format!("no free port: {e}"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let www = self.workdir.join("www");
@@ -64,7 +71,7 @@ impl Launch {
                 } else {
                     cmd.args(["--tls", "off"]);
                 }
-                cmd.args(&self.mles_args);
+                cmd.args(extra).args(&self.mles_args);
                 cmd.env("RUST_LOG", "warn");
                 cmd
             }
@@ -117,7 +124,7 @@ impl Server {
         ))
     }
 
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(5).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")

@@ -20,6 +20,11 @@
 //! (so throughput is theirs, not the publisher's), every queue stays within mles's bound,
 //! and the comparison is like for like. `--window 0` removes it.
 //!
+//! `cluster-fanout` runs the same measurement across a cluster (see `cluster.rs`): the
+//! publisher joins s1 and subscriber i joins `subscribers[i % n]` (s2 and s3), so every
+//! delivery crosses the NATS backplane. Server CPU is then that of every process of the
+//! cluster, nats-server included.
+//!
 //! Every wait is bounded: each connect by `CONNECT_TIMEOUT`, the whole run by the scenario
 //! timeout (reported as TIMEOUT), and a run whose subscribers stop making progress after
 //! all publishers are done ends as FAIL after `STALL`.
@@ -52,8 +57,9 @@ const HEADER: usize = 36;
 const OP_PONG: u8 = 0xA;
 
 /// Scenario names, in the order they run by default.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "fanout-100",
+    "cluster-fanout",
     "channels-100x10",
     "fanout-1000-1k",
     "idle-10k",
@@ -77,6 +83,8 @@ pub struct Spec {
     pub tls: bool,
     /// Connect, join and hold: measure memory, publish nothing.
     pub idle: bool,
+    /// Publisher on one server of a NATS cluster, subscribers on the others.
+    pub cluster: bool,
 }
 
 impl Spec {
@@ -101,12 +109,17 @@ impl Spec {
             None => "flat out".into(),
         };
         format!(
-            "{} ch × {} subs × {} frames of {} B, {rate}{}",
+            "{} ch × {} subs × {} frames of {} B, {rate}{}{}",
             self.channels,
             self.subs,
             self.frames,
             self.size,
-            if self.tls { ", TLS" } else { "" }
+            if self.tls { ", TLS" } else { "" },
+            if self.cluster {
+                ", publisher on s1, subs split over s2/s3 (3 mles + NATS JetStream)"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -123,9 +136,15 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
         rate: None,
         tls: false,
         idle: false,
+        cluster: false,
     };
     Some(match name {
         "fanout-100" => vec![base],
+        // The same load as fanout-100, every delivery across NATS.
+        "cluster-fanout" => vec![Spec {
+            cluster: true,
+            ..base
+        }],
         "channels-100x10" => vec![Spec {
             channels: 100,
             subs: 10,
@@ -188,6 +207,8 @@ pub enum Verdict {
     Fail(String),
     Timeout,
     Error(String),
+    /// Not run here, and why (e.g. no nats-server); not a failure.
+    Skipped(String),
 }
 
 impl Verdict {
@@ -197,8 +218,40 @@ impl Verdict {
             Verdict::Fail(_) => "FAIL",
             Verdict::Timeout => "TIMEOUT",
             Verdict::Error(_) => "ERROR",
+            Verdict::Skipped(_) => "SKIPPED",
         }
     }
+}
+
+/// Where a run's clients connect.
+#[derive(Clone)]
+pub struct Targets {
+    /// Every publisher.
+    pub publisher: Target,
+    /// Subscriber `i` of each channel connects to `subscribers[i % len]`.
+    pub subscribers: Vec<Target>,
+}
+
+impl Targets {
+    /// Everyone on one server.
+    pub fn single(target: Target) -> Targets {
+        Targets {
+            publisher: target.clone(),
+            subscribers: vec![target],
+        }
+    }
+
+    fn subscriber(&self, i: usize) -> &Target {
+        &self.subscribers[i % self.subscribers.len()]
+    }
+}
+
+/// Sums a per-process figure over `pids`; None if there are none or one is unreadable.
+fn sum_over(pids: &[u32], f: fn(u32) -> Option<u64>) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| f(p)).sum()
 }
 
 /// What one run measured.
@@ -213,6 +266,9 @@ pub struct Outcome {
     pub server_cpu_per_delivery: Option<f64>,
     /// Server CPU time over wall time while measuring.
     pub server_cores: Option<f64>,
+    /// The same per server process (several only in a cluster): a name (the pid, unless the
+    /// caller names it) and its cores, in the order of the pids.
+    pub server_cores_each: Vec<(String, f64)>,
     pub bench_cpu_per_delivery: Option<f64>,
     pub rss_per_conn: Option<f64>,
 }
@@ -227,6 +283,7 @@ impl Outcome {
             latency: None,
             server_cpu_per_delivery: None,
             server_cores: None,
+            server_cores_each: Vec::new(),
             bench_cpu_per_delivery: None,
             rss_per_conn: None,
         }
@@ -552,7 +609,7 @@ async fn publish<W: tokio::io::AsyncWrite + Unpin>(
                 let room = if p.window == 0 {
                     want
                 } else {
-                    chan.room(seq, p.window, want).await
+                    chan.room(seq, p.window, want.min(p.window)).await
                 };
                 out.clear();
                 for _ in 0..want.min(room) {
@@ -568,16 +625,16 @@ async fn publish<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Runs `spec` against the server at `target` (process `pid`, when known, for its CPU time
-/// and memory), within the timeout.
-pub async fn run(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) -> Outcome {
-    match tokio::time::timeout(opts.timeout, measure(spec, target, pid, opts)).await {
+/// Runs `spec` against the servers at `targets` (processes `pids`, when known, for their
+/// CPU time and memory), within the timeout.
+pub async fn run(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> Outcome {
+    match tokio::time::timeout(opts.timeout, measure(spec, targets, pids, opts)).await {
         Ok(outcome) => outcome,
         Err(_) => Outcome::new(Verdict::Timeout),
     }
 }
 
-async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) -> Outcome {
+async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> Outcome {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -614,7 +671,7 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
     // Dropping these (on return or timeout) aborts every client task.
     let mut subs = JoinSet::new();
     let mut pubs = JoinSet::new();
-    let rss_before = pid.and_then(procs::rss_bytes);
+    let rss_before = sum_over(pids, procs::rss_bytes);
     let total = spec.connections();
 
     let started = Instant::now();
@@ -622,7 +679,7 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
         for i in 0..spec.subs {
             subs.spawn(subscriber(
                 run.clone(),
-                target.clone(),
+                targets.subscriber(i).clone(),
                 chan.clone(),
                 i,
                 spec.frames,
@@ -633,7 +690,7 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
     for chan in &chans {
         pubs.spawn(publisher(
             run.clone(),
-            target.clone(),
+            targets.publisher.clone(),
             chan.clone(),
             params.clone(),
             go_rx.clone(),
@@ -666,7 +723,7 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
 
     if spec.idle {
         tokio::time::sleep(IDLE_SETTLE).await;
-        let rss_after = pid.and_then(procs::rss_bytes);
+        let rss_after = sum_over(pids, procs::rss_bytes);
         let closed = run.closed.load(Ordering::SeqCst);
         let verdict = if closed == 0 {
             Verdict::Pass
@@ -682,7 +739,8 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
         };
     }
 
-    let cpu_before = pid.and_then(procs::cpu_ns);
+    let cpu_before = sum_over(pids, procs::cpu_ns);
+    let each_before: Vec<Option<u64>> = pids.iter().map(|&p| procs::cpu_ns(p)).collect();
     let bench_before = procs::cpu_ns(std::process::id());
     let t0 = now_ns();
     let _ = go_tx.send(true);
@@ -716,7 +774,8 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
             }
         }
     }
-    let cpu_after = pid.and_then(procs::cpu_ns);
+    let cpu_after = sum_over(pids, procs::cpu_ns);
+    let each_after: Vec<Option<u64>> = pids.iter().map(|&p| procs::cpu_ns(p)).collect();
     let bench_after = procs::cpu_ns(std::process::id());
     drop(pubs);
 
@@ -791,6 +850,18 @@ async fn measure(spec: &Spec, target: &Target, pid: Option<u32>, opts: &Opts) ->
             .zip(cpu_after)
             .filter(|_| elapsed > 0.0)
             .map(|(b, a)| a.saturating_sub(b) as f64 / 1e9 / elapsed),
+        server_cores_each: pids
+            .iter()
+            .zip(each_before.iter().zip(&each_after))
+            .filter(|_| elapsed > 0.0 && pids.len() > 1)
+            .map(|(pid, (b, a))| {
+                let cores = match (b, a) {
+                    (Some(b), Some(a)) => a.saturating_sub(*b) as f64 / 1e9 / elapsed,
+                    _ => f64::NAN,
+                };
+                (pid.to_string(), cores)
+            })
+            .collect(),
         bench_cpu_per_delivery: per_delivery(bench_before, bench_after),
         rss_per_conn: None,
     }

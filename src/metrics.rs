@@ -34,6 +34,7 @@ pub struct Metrics {
     pub nats_disconnects: Counter,
     pub nats_reconnects: Counter,
     pub nats_publish_failures: Counter,
+    pub nats_lagged: Counter,
     pub peer_links_up: Gauge,
     pub peer_link_failures: Counter,
     pub history_persist_dropped: Counter,
@@ -71,6 +72,7 @@ impl Metrics {
             nats_disconnects: Counter::default(),
             nats_reconnects: Counter::default(),
             nats_publish_failures: Counter::default(),
+            nats_lagged: Counter::default(),
             peer_links_up: Gauge::default(),
             peer_link_failures: Counter::default(),
             history_persist_dropped: Counter::default(),
@@ -174,6 +176,11 @@ impl Metrics {
             "nats_publish_failures",
             "Frames whose publish to NATS failed (retried after reconnect unless too big)",
             m.nats_publish_failures.clone(),
+        );
+        r.register(
+            "nats_lagged",
+            "Times a NATS link fell so far behind the stream that frames may have been lost",
+            m.nats_lagged.clone(),
         );
         r.register(
             "peer_links_up",

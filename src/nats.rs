@@ -4,10 +4,14 @@
 //! # Design
 //! Every channel maps to one subject, `mles.ch.<hex of the channel name>` (hex, so that any
 //! channel name — dots, `*`, `>`, spaces — is one valid subject token and no two names
-//! collide). One JetStream stream, [`STREAM`], holds `mles.ch.>` with at most `--limit`
-//! messages per subject, discarding the oldest: the cluster's history of each channel. It is
-//! created or updated when the server first reaches NATS, so every server of a cluster must
-//! run with the same `--limit`.
+//! collide). One JetStream stream, [`STREAM`], holds `mles.ch.>` with at most `--limit` +
+//! `--queue-frames` messages per subject, discarding the oldest: the cluster's history of
+//! each channel (joiners are replayed the last `--limit`, as on one server), plus the same
+//! room to fall behind that a member has on one server. It is created or updated when the
+//! server first reaches NATS, so every server of a cluster must run with the same `--limit`
+//! and `--queue-frames`. A link whose reader falls further behind than that could have lost
+//! frames to the discard: it says so (warning, `mles_nats_lagged_total`) and starts over,
+//! which recovers whatever the stream still holds — a lag is never silent.
 //!
 //! A channel that has local clients gets a *link*: a task that joins the local channel as a
 //! [`MemberKind::Peer`] member and
@@ -433,7 +437,7 @@ impl Nats {
         let config = stream::Config {
             name: STREAM.to_string(),
             subjects: vec![format!("{SUBJECT_PREFIX}>")],
-            max_messages_per_subject: shared.config.hub.history_limit as i64,
+            max_messages_per_subject: per_subject_limit(shared),
             discard: DiscardPolicy::Old,
             storage: StorageType::File,
             num_replicas: self.config.replicas,
@@ -663,13 +667,26 @@ async fn session(
     }
     debug!("NATS link for channel {} up", link.name);
 
+    let capacity = per_subject_limit(shared) as u64;
     let consume = async {
+        let mut first = true;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| format!("consuming: {e}"))?;
             let (sequence, pending) = match message.info() {
                 Ok(info) => (info.stream_sequence, info.pending),
                 Err(e) => return Err(format!("message without JetStream info: {e}")),
             };
+            // With the subject's whole capacity undelivered, the stream may have discarded
+            // frames this link never read since the previous one.
+            if !std::mem::take(&mut first) && pending + 1 >= capacity {
+                shared.metrics.nats_lagged.inc();
+                warn!(
+                    "NATS link for channel {} fell {} frames behind the stream: frames may have been lost; starting over",
+                    link.name,
+                    pending + 1
+                );
+                return Err("fell behind the stream".to_string());
+            }
             match decode(&message.headers, &message.payload) {
                 Some((key, live, frame)) => {
                     member.relay(key, live, frame);
@@ -726,6 +743,12 @@ async fn session(
     drop(member);
     debug!("NATS link for channel {} closed", link.name);
     Ok(())
+}
+
+/// Messages the stream keeps per channel: the history plus a member's room to fall behind.
+fn per_subject_limit(shared: &Shared) -> i64 {
+    let hub = &shared.config.hub;
+    (hub.history_limit + hub.queue_frames) as i64
 }
 
 /// Publishes what the link's member fetches until something fails.

@@ -2,13 +2,9 @@
 //! `GET /health`, so that metrics can be scraped on a private address while the public
 //! listener answers 404 for them.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use log::debug;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -31,29 +27,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             debug!("refused {peer} on the metrics listener: too many connections");
             continue;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut shutdown = shared.shutdown.clone();
-            let service = {
-                let shared = shared.clone();
-                service_fn(move |req| {
-                    let response = respond(&shared, &req);
-                    async move { Ok::<_, Infallible>(response) }
-                })
-            };
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(shared.config.handshake_timeout)
-                .serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result { debug!("{peer} (metrics): {e}"); }
-                }
-                _ = shutdown.recv() => {}
-            }
-        });
+        crate::server::serve_plain(tcp, peer, permit, shared.clone(), "metrics", respond);
     }
 }
 

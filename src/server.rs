@@ -441,30 +441,55 @@ async fn redirect_loop(
             debug!("refused {peer} on the redirect port: connection limit reached");
             continue;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut shutdown = shared.shutdown.clone();
-            let service = {
-                let shared = shared.clone();
-                service_fn(move |req| {
-                    let response = redirect_response(&shared.config.domains, https_port, &req);
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                })
-            };
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(shared.config.handshake_timeout)
-                .serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result { debug!("{peer} (redirect): {e}"); }
-                }
-                _ = shutdown.recv() => {}
-            }
-        });
+        serve_plain(
+            tcp,
+            peer,
+            permit,
+            shared.clone(),
+            "redirect",
+            move |shared, req| redirect_response(&shared.config.domains, https_port, req),
+        );
     }
+}
+
+/// Serves one plain-HTTP connection on a side listener (redirect, metrics) in its own task,
+/// answering each request with `respond`, under the header timeout, until it closes or
+/// shutdown begins.
+pub(crate) fn serve_plain<F>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    which: &'static str,
+    respond: F,
+) where
+    F: Fn(&Shared, &hyper::Request<hyper::body::Incoming>) -> ::http::Response<String>
+        + Send
+        + Sync
+        + 'static,
+{
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut shutdown = shared.shutdown.clone();
+        let service = {
+            let shared = shared.clone();
+            service_fn(move |req| {
+                let response = respond(&shared, &req);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            })
+        };
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.config.handshake_timeout)
+            .serve_connection(TokioIo::new(tcp), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result { debug!("{peer} ({which}): {e}"); }
+            }
+            _ = shutdown.recv() => {}
+        }
+    });
 }
 
 /// A 301 to the same path and query over HTTPS for the configured domains, 404 otherwise.

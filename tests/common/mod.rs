@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use mles::config::Config;
 use mles::server::{Server, Shared};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -127,14 +128,17 @@ pub async fn join(addr: SocketAddr, uid: &str, channel: &str) -> Ws {
     ws
 }
 
-pub async fn send_text(ws: &mut Ws, text: &str) {
+pub async fn send_text<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, text: &str) {
     tokio::time::timeout(WAIT, ws.send(Message::text(text)))
         .await
         .expect("send in time")
         .expect("send ok");
 }
 
-pub async fn send_binary(ws: &mut Ws, data: &[u8]) {
+pub async fn send_binary<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    data: &[u8],
+) {
     tokio::time::timeout(WAIT, ws.send(Message::binary(data.to_vec())))
         .await
         .expect("send in time")
@@ -142,7 +146,7 @@ pub async fn send_binary(ws: &mut Ws, data: &[u8]) {
 }
 
 /// Next data or close frame, skipping pings and pongs; panics after [`WAIT`].
-pub async fn recv(ws: &mut Ws) -> Message {
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Message {
     loop {
         let next = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -157,7 +161,7 @@ pub async fn recv(ws: &mut Ws) -> Message {
 }
 
 /// Next frame as text; panics on anything else.
-pub async fn recv_text(ws: &mut Ws) -> String {
+pub async fn recv_text<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> String {
     match recv(ws).await {
         Message::Text(t) => t.to_string(),
         other => panic!("expected text, got {other:?}"),
@@ -165,7 +169,10 @@ pub async fn recv_text(ws: &mut Ws) -> String {
 }
 
 /// Reads `n` text frames.
-pub async fn recv_texts(ws: &mut Ws, n: usize) -> Vec<String> {
+pub async fn recv_texts<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    n: usize,
+) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         out.push(recv_text(ws).await);
@@ -174,7 +181,9 @@ pub async fn recv_texts(ws: &mut Ws, n: usize) -> Vec<String> {
 }
 
 /// Waits for the server's close frame and returns its code and reason.
-pub async fn expect_close(ws: &mut Ws) -> (u16, String) {
+pub async fn expect_close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> (u16, String) {
     loop {
         let next = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -193,7 +202,10 @@ pub async fn expect_close(ws: &mut Ws) -> (u16, String) {
 }
 
 /// Asserts that no data frame arrives within `quiet`.
-pub async fn expect_nothing(ws: &mut Ws, quiet: Duration) {
+pub async fn expect_nothing<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    quiet: Duration,
+) {
     let deadline = tokio::time::Instant::now() + quiet;
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {

@@ -9,9 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -22,11 +20,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// How long a test waits for something that should happen.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub use crate::common::{join_frame, recv_text, send_text, WAIT};
 
 pub type Wss = WebSocketStream<TlsStream<TcpStream>>;
 
@@ -231,32 +227,6 @@ pub async fn wss_join(
     let mut ws = upgrade(tls, name).await;
     send_text(&mut ws, &join_frame(uid, channel)).await;
     ws
-}
-
-/// The JSON join frame for `uid` on `channel`.
-pub fn join_frame(uid: &str, channel: &str) -> String {
-    serde_json::json!({"uid": uid, "channel": channel}).to_string()
-}
-
-pub async fn send_text<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, text: &str) {
-    tokio::time::timeout(WAIT, ws.send(Message::text(text)))
-        .await
-        .expect("send in time")
-        .expect("send ok");
-}
-
-/// Next text frame, skipping pings and pongs; panics on anything else or after [`WAIT`].
-pub async fn recv_text<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> String {
-    loop {
-        let next = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame arrives in time");
-        match next {
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Text(t))) => return t.to_string(),
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
 }
 
 /// Reads text frames until one equals `text`, all within [`WAIT`].

@@ -80,7 +80,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
@@ -120,6 +120,8 @@ const LINK_UID: &str = "\u{1}nats";
 const FETCH_BATCH: usize = 256;
 /// How long a stopping link may spend publishing what is left.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest time a link may take to subscribe before it starts over.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often a link checks whether its channel still has local clients.
 const ACTIVITY_STEP: Duration = Duration::from_millis(250);
 const BACKOFF_START: Duration = Duration::from_millis(250);
@@ -630,26 +632,13 @@ async fn session(
 ) -> Result<(), String> {
     link.caught_up.send_replace(false);
     let mut reconnected = nats.connections.subscribe();
-    let stream = nats.stream(shared).await?;
     let subject = subject(&link.name);
-    // Where the subject ends now: the consumer has caught up once it read this far.
-    let last = match stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(message) => message.sequence,
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
-        Err(e) => return Err(format!("reading the end of the channel's history: {e}")),
-    };
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("creating the consumer: {e}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| format!("consuming: {e}"))?;
+    // Each step has its own request timeout; this bounds them together, so a link never
+    // hangs half-open while its channel waits for it.
+    let (last, mut messages) =
+        tokio::time::timeout(SETUP_TIMEOUT, subscribe(nats, shared, &subject))
+            .await
+            .map_err(|_| format!("no answer from JetStream in {SETUP_TIMEOUT:?}"))??;
     let mut member = shared
         .hub
         .join(&link.name, LINK_UID, MemberKind::Peer, None)
@@ -743,6 +732,30 @@ async fn session(
     drop(member);
     debug!("NATS link for channel {} closed", link.name);
     Ok(())
+}
+
+/// Where `subject` ends now (the consumer has caught up once it read this far; 0 when
+/// empty) and an ordered consumer of it from its start.
+async fn subscribe(nats: &Nats, shared: &Shared, subject: &str) -> Result<(u64, Ordered), String> {
+    let stream = nats.stream(shared).await?;
+    let last = match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => message.sequence,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
+        Err(e) => return Err(format!("reading the end of the channel's history: {e}")),
+    };
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating the consumer: {e}"))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("consuming: {e}"))?;
+    Ok((last, messages))
 }
 
 /// Messages the stream keeps per channel: the history plus a member's room to fall behind.

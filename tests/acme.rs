@@ -10,7 +10,7 @@
 mod common;
 mod tls_support;
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -24,14 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long an order may take: Pebble validates at once, rustls-acme polls every 1-2 s.
 const ACME_WAIT: Duration = Duration::from_secs(90);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -70,16 +62,22 @@ impl Pebble {
         let https = https_ca.issue(&["127.0.0.1", "localhost"]);
         https.write(&dir.path().join("cert.pem"), &dir.path().join("key.pem"));
         std::fs::write(dir.path().join("https-ca.pem"), https_ca.pem()).unwrap();
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
+        let management: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
         let dns = format!("127.0.0.1:{}", free_udp_port());
-        let dns_management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dns_management: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
         let config = serde_json::json!({"pebble": {
             "listenAddress": listen.to_string(),
             "managementListenAddress": management.to_string(),
             "certificate": dir.path().join("cert.pem"),
             "privateKey": dir.path().join("key.pem"),
-            "httpPort": free_port(),
+            "httpPort": common::free_port(),
             "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
@@ -259,7 +257,7 @@ fn init_log() {
 #[tokio::test]
 async fn a_certificate_is_ordered_and_served_and_a_restart_reuses_it_from_the_cache() {
     init_log();
-    let port = free_port();
+    let port = common::free_port();
     let pebble = Pebble::start(port).await;
     let cache = tempfile::tempdir().unwrap();
     let config = acme_config(port, "a.mles.test", &pebble, cache.path());
@@ -291,7 +289,7 @@ async fn a_certificate_is_ordered_and_served_and_a_restart_reuses_it_from_the_ca
 #[tokio::test]
 async fn a_domain_added_later_gets_its_own_certificate_and_the_first_is_not_reordered() {
     init_log();
-    let port = free_port();
+    let port = common::free_port();
     let pebble = Pebble::start(port).await;
     let cache = tempfile::tempdir().unwrap();
     let trust = trusting(&[pebble.issuing_root().await]);

@@ -39,14 +39,16 @@ impl NatsServer {
         server
     }
 
-    /// Starts the process (again) on the same port and store.
+    /// Starts the process (again) on the same port and store, and waits until it says it
+    /// is ready: a listener on the port might be another process, this one exited.
     async fn run(&mut self) {
         let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("nats-server");
-        let log = std::fs::File::create(self.store.join("nats.log")).unwrap();
-        let child = Command::new(binary)
+        let log_path = self.store.join("nats.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(binary)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")
@@ -55,24 +57,38 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .expect("nats-server runs (Debian package nats-server)");
-        self.child = Some(child);
         let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
+        loop {
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if said.contains("Server is ready") {
+                break;
+            }
+            let exited = child.try_wait().unwrap();
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not listen on {}",
+                exited.is_none() && tokio::time::Instant::now() < deadline,
+                "nats-server on port {} did not get ready ({exited:?}):\n{said}",
                 self.port
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        self.child = Some(child);
     }
 
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the process as an operator's restart does (SIGTERM). NATS then writes out its
+    /// store; a SIGKILL may lose what it acknowledged in the last moments, because a single
+    /// nats-server (2.9) does not sync each write.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
@@ -88,16 +104,13 @@ impl Drop for NatsServer {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An mles server in the cluster of `nats`, with history `limit`, not waiting for NATS.
 async fn mles_server_unconnected(id: &str, nats: &NatsServer, limit: usize) -> TestServer {
+    // Shown only for a failing test: what the links did.
+    let _ =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("mles=debug"))
+            .is_test(true)
+            .try_init();
     let id = id.to_string();
     let mut config = NatsConfig::new(&nats.url()).unwrap();
     config.grace = Duration::from_secs(2);
@@ -365,7 +378,6 @@ async fn a_restarted_cluster_loses_no_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
-    let _ = env_logger::builder().is_test(true).try_init();
     let mut nats = NatsServer::start().await;
     let a = mles_server("a", &nats, 200).await;
     let b = mles_server("b", &nats, 200).await;
@@ -383,7 +395,7 @@ async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
     exactly_once_in_order(&collect(&mut a2, 5, SLOW).await, &["a1"], 5, "a2 before");
 
     // NATS goes away.
-    nats.kill();
+    nats.stop();
     for server in [&a, &b] {
         let shared = server.shared.clone();
         wait_until("NATS loss noticed", SLOW, || {
@@ -461,7 +473,20 @@ async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(mles::nats::STREAM).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 28);
+    let stored = stream.info().await.unwrap().state.messages;
+    if stored != 28 {
+        let mut dump = Vec::new();
+        for seq in 1..=stream.info().await.unwrap().state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                let id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string());
+                dump.push(format!(
+                    "{seq} {id:?} {}",
+                    String::from_utf8_lossy(&m.payload)
+                ));
+            }
+        }
+        panic!("stream holds {stored}, not 28:\n{}", dump.join("\n"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

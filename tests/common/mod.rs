@@ -238,13 +238,29 @@ impl Drop for Process {
     }
 }
 
-/// A free loopback port (bound, read and released).
+/// A loopback port that is free now, for a process the test starts. It is picked at
+/// random below the kernel's ephemeral range (32768 and up), so that the ports the kernel
+/// hands out meanwhile (to listeners on port 0, to outgoing connections of tests running
+/// in parallel) cannot take it before that process binds it, or while it restarts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    const FIRST: u16 = 20_000;
+    const COUNT: u64 = 12_000;
+    for _ in 0..1_000 {
+        // RandomState is seeded randomly per process and differs per call.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::UNIX_EPOCH
+                .elapsed()
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        let port = FIRST + (hasher.finish() % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 /// Starts the binary plain on 127.0.0.1:`port` with the shipped wwwroot and `args`, and

@@ -344,15 +344,12 @@ async fn seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
 }
 
 /// A loopback port with nothing listening on it.
-async fn dead_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 #[tokio::test]
 async fn requests_under_a_proxy_prefix_are_forwarded_to_the_upstream() {
     let (up, mut rx) = upstream().await;
-    let dead = dead_port().await;
+    // Nothing listens there, and the kernel gives it to no other socket meanwhile.
+    let dead = free_port();
     let rules = vec![
         ProxyRule::parse(&format!("api/keeper=http://{up}")).unwrap(),
         ProxyRule::parse(&format!("/down/=http://127.0.0.1:{dead}")).unwrap(),

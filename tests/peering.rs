@@ -8,11 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Loopback ports picked up front, so servers can name each other before they start.
+/// `N` free ports (see [`free_port`]): peers must know each other's before they start.
 fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+    std::array::from_fn(|_| free_port())
 }
 
 async fn peer_server(id: &str, port: u16, peers: &[u16], plain: bool) -> TestServer {

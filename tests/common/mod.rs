@@ -238,24 +238,28 @@ impl Drop for Process {
     }
 }
 
-/// A loopback port that is free now, for a process the test starts. It is picked at
-/// random below the kernel's ephemeral range (32768 and up), so that the ports the kernel
-/// hands out meanwhile (to listeners on port 0, to outgoing connections of tests running
-/// in parallel) cannot take it before that process binds it, or while it restarts.
+/// A loopback port that is free now, for a server the test starts. Ports come from below
+/// the kernel's ephemeral range (32768 and up), so that ports the kernel hands out meanwhile
+/// (to listeners on port 0, to outgoing connections) cannot take one before its server
+/// binds it or while it restarts. Within a test binary they are handed out in turn from a
+/// random start, so parallel tests never get the same one.
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
-    const FIRST: u16 = 20_000;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    const FIRST: u64 = 20_000;
     const COUNT: u64 = 12_000;
-    for _ in 0..1_000 {
-        // RandomState is seeded randomly per process and differs per call.
+    static START: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        // RandomState is seeded randomly per process.
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::UNIX_EPOCH
-                .elapsed()
-                .unwrap_or_default()
-                .as_nanos(),
-        );
-        let port = FIRST + (hasher.finish() % COUNT) as u16;
+        hasher.write_u32(std::process::id());
+        hasher.finish() % COUNT
+    });
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % COUNT) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

@@ -183,6 +183,14 @@ pub struct Args {
     /// New connections accepted per minute from one IP address (0: no limit).
     #[arg(long = "ip-rate", env = "MLES_IP_RATE", default_value_t = 600)]
     pub ip_rate: u32,
+    /// Connections one IP address may hold open at once (0: no limit). Behind a reverse
+    /// proxy every client has the proxy's address: set 0 there and limit at the proxy.
+    #[arg(
+        long = "per-ip-limit",
+        env = "MLES_PER_IP_LIMIT",
+        default_value_t = 128
+    )]
+    pub per_ip_limit: u32,
     /// Frames a client may send per --message-window; over it the connection is closed
     /// with 1008 (0: no limit). Peer links are exempt.
     #[arg(
@@ -280,6 +288,8 @@ pub struct Config {
     pub max_connections: usize,
     /// New connections per minute per IP address.
     pub ip_rate: Option<u32>,
+    /// Connections open at once per IP address.
+    pub per_ip_limit: Option<u32>,
     /// Bytes of compressed static files kept in memory.
     pub static_cache_bytes: usize,
     /// Reverse-proxy rules, in the order given.
@@ -492,6 +502,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(args.handshake_timeout),
             max_connections: args.max_connections,
             ip_rate: nonzero(args.ip_rate),
+            per_ip_limit: nonzero(args.per_ip_limit),
             static_cache_bytes: args.static_cache_mb.saturating_mul(1024 * 1024),
             proxies,
             metrics_bind: args.metrics_bind,

@@ -1,10 +1,11 @@
-//! Rates: the limits a client can run into — new connections per IP address (a token
-//! bucket per address, checked before any TLS or HTTP work) and frames per connection (a
-//! fixed window) — and the backoff this server's own reconnects (peer links, NATS) keep to.
+//! Per-client limits: new connections per IP address (a token bucket per address) and open
+//! connections per IP address (a count per address), both checked before any TLS or HTTP
+//! work, and frames per connection (a fixed window); and the backoff this server's own
+//! reconnects (peer links, NATS) keep to.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Addresses tracked at most; past this, idle full buckets are dropped first.
@@ -26,10 +27,7 @@ impl IpRateLimiter {
 
     /// Takes a token for `ip`; false when it is over its rate.
     pub fn admit(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_canonical(),
-            v4 => v4,
-        };
+        let ip = canonical(ip);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= MAX_TRACKED {
@@ -55,6 +53,72 @@ impl IpRateLimiter {
         let per_sec = full / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * per_sec < full);
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is, so both count as one client.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_canonical(),
+        v4 => v4,
+    }
+}
+
+/// Open connections per IP address, at most `max` each. Only addresses with connections
+/// open are tracked, so the table is bounded by the connection limit.
+pub struct IpConnections {
+    max: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One open connection of an address; dropping it frees the place.
+pub struct IpConnection {
+    owner: Arc<IpConnections>,
+    ip: IpAddr,
+}
+
+impl IpConnections {
+    pub fn new(max: u32) -> Arc<IpConnections> {
+        Arc::new(IpConnections {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for one more connection from `ip`; None when it has `max` open.
+    pub fn hold(self: &Arc<Self>, ip: IpAddr) -> Option<IpConnection> {
+        let ip = canonical(ip);
+        let mut open = self.open();
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(IpConnection {
+            owner: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open from `ip`.
+    pub fn count(&self, ip: IpAddr) -> u32 {
+        self.open().get(&canonical(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for IpConnection {
+    fn drop(&mut self) {
+        let mut open = self.owner.open();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -141,6 +205,23 @@ mod tests {
             !limiter.admit("127.0.0.2".parse().unwrap()),
             "v4-mapped v6 is the same address"
         );
+    }
+
+    #[test]
+    fn each_address_holds_at_most_its_connections_until_one_closes() {
+        let limit = IpConnections::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = limit.hold(a).unwrap();
+        let _second = limit.hold("::ffff:10.0.0.1".parse().unwrap()).unwrap();
+        assert!(limit.hold(a).is_none(), "v4-mapped v6 is the same address");
+        assert!(limit.hold("10.0.0.2".parse().unwrap()).is_some());
+        drop(first);
+        assert_eq!(limit.count(a), 1);
+        let _third = limit.hold(a).unwrap();
+        assert!(limit.hold(a).is_none());
+        drop(_third);
+        drop(_second);
+        assert!(limit.open().is_empty(), "closed addresses are forgotten");
     }
 
     #[test]

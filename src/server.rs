@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::http::{self, Handler};
 use crate::hub::{Hub, Recorder};
-use crate::limits::IpRateLimiter;
+use crate::limits::{IpConnection, IpConnections, IpRateLimiter};
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::tls::{self, Acceptor};
@@ -39,8 +39,10 @@ pub struct Shared {
     acceptor: Arc<Acceptor>,
     /// History on disk, with `--cache`.
     pub store: Option<Arc<crate::store::Store>>,
-    /// New connections per minute per IP address, with `--ip-rate`.
+    /// New connections per minute per IP, with `--ip-rate`.
     ip_limiter: Option<IpRateLimiter>,
+    /// Open connections per IP, with `--per-ip-limit`.
+    ip_connections: Option<Arc<IpConnections>>,
 }
 
 impl Shared {
@@ -60,14 +62,38 @@ impl Shared {
         }
     }
 
-    /// Applies the per-IP accept rate; counts and logs a refusal.
-    fn admit(&self, peer: SocketAddr) -> bool {
-        let admitted = self.ip_limiter.as_ref().is_none_or(|l| l.admit(peer.ip()));
-        if !admitted {
-            self.metrics.refused("ip_rate");
-            debug!("refused {peer}: over the per-address connection rate");
+    /// Admits a connection from `peer` on the `which` listener under the per-IP accept
+    /// rate, the per-IP open-connection cap and the overall connection limit, in that order
+    /// (cheapest refusal first). A refusal is counted and logged, and the caller drops the
+    /// socket before any TLS or HTTP work.
+    fn admit(&self, peer: SocketAddr, connections: &Arc<Semaphore>, which: &str) -> Option<Permit> {
+        let refuse = |reason: &'static str, why: &str| {
+            self.metrics.refused(reason);
+            debug!("refused {peer} on the {which} listener: {why}");
+        };
+        if !self.ip_limiter.as_ref().is_none_or(|l| l.admit(peer.ip())) {
+            refuse("ip_rate", "over the per-address connection rate");
+            return None;
         }
-        admitted
+        let ip_place = match &self.ip_connections {
+            Some(limit) => match limit.hold(peer.ip()) {
+                Some(place) => Some(place),
+                None => {
+                    refuse("per_ip_limit", "its address has the most connections open");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            refuse("max_connections", "connection limit reached");
+            return None;
+        };
+        Some(Permit::new(
+            permit,
+            ip_place,
+            self.metrics.connections_open.clone(),
+        ))
     }
 
     /// Updates the gauges that are computed rather than counted.
@@ -130,7 +156,7 @@ impl Server {
         let (trigger, shutdown) = shutdown::channel();
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let hub = Hub::new(config.hub.clone(), &config.server_id);
-        let config_ip_rate = config.ip_rate;
+        let (ip_rate, per_ip_limit) = (config.ip_rate, config.per_ip_limit);
         let metrics = Metrics::new();
         let store = match &config.cache {
             Some(cache) => {
@@ -148,7 +174,8 @@ impl Server {
             config,
             shutdown,
             acceptor: acceptor.clone(),
-            ip_limiter: config_ip_rate.map(IpRateLimiter::new),
+            ip_limiter: ip_rate.map(IpRateLimiter::new),
+            ip_connections: per_ip_limit.map(IpConnections::new),
         });
         if !shared.config.peers.urls.is_empty() {
             let peers =
@@ -301,12 +328,7 @@ async fn accept_loop(
     loop {
         let (tcp, peer) = accept(listener, "main").await;
         shared.metrics.connections_accepted.inc();
-        if !shared.admit(peer) {
-            continue;
-        }
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            shared.metrics.refused("max_connections");
-            debug!("refused {peer}: connection limit reached");
+        let Some(permit) = shared.admit(peer, connections, "main") else {
             continue;
         };
         tokio::spawn(serve_connection(
@@ -323,15 +345,15 @@ async fn accept_loop(
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     shared: Arc<Shared>,
     acceptor: Arc<Acceptor>,
     handler: Handler,
 ) {
     let metrics = &shared.metrics;
     // Held by this task and, after an upgrade, by the session: the connection counts
-    // against the limit and as open until both are done.
-    let permit = Arc::new(Permit::new(permit, metrics.connections_open.clone()));
+    // against the limits and as open until both are done.
+    let permit = Arc::new(permit);
     let _ = tcp.set_nodelay(true);
     let timeout = shared.config.handshake_timeout;
     let io = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -381,17 +403,24 @@ async fn serve_connection(
     }
 }
 
-/// A connection's place under `--max-connections`, counted in `connections_open` while held.
+/// A connection's place under `--max-connections` and `--per-ip-limit`, counted in
+/// `connections_open` while held.
 pub struct Permit {
     _permit: OwnedSemaphorePermit,
+    _ip_place: Option<IpConnection>,
     open: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Permit {
-    fn new(permit: OwnedSemaphorePermit, open: prometheus_client::metrics::gauge::Gauge) -> Permit {
+    fn new(
+        permit: OwnedSemaphorePermit,
+        ip_place: Option<IpConnection>,
+        open: prometheus_client::metrics::gauge::Gauge,
+    ) -> Permit {
         open.inc();
         Permit {
             _permit: permit,
+            _ip_place: ip_place,
             open,
         }
     }
@@ -433,12 +462,7 @@ async fn redirect_loop(
 ) {
     loop {
         let (tcp, peer) = accept(&listener, "redirect").await;
-        if !shared.admit(peer) {
-            continue;
-        }
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            shared.metrics.refused("max_connections");
-            debug!("refused {peer} on the redirect port: connection limit reached");
+        let Some(permit) = shared.admit(peer, &connections, "redirect") else {
             continue;
         };
         serve_plain(
@@ -455,10 +479,10 @@ async fn redirect_loop(
 /// Serves one plain-HTTP connection on a side listener (redirect, metrics) in its own task,
 /// answering each request with `respond`, under the header timeout, until it closes or
 /// shutdown begins.
-pub(crate) fn serve_plain<F>(
+pub(crate) fn serve_plain<F, P>(
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: P,
     shared: Arc<Shared>,
     which: &'static str,
     respond: F,
@@ -467,6 +491,7 @@ pub(crate) fn serve_plain<F>(
         + Send
         + Sync
         + 'static,
+    P: Send + 'static,
 {
     tokio::spawn(async move {
         let _permit = permit;

@@ -71,6 +71,31 @@ async fn each_address_gets_its_connection_rate_and_no_more() {
 }
 
 #[tokio::test]
+async fn each_address_holds_its_share_of_connections_until_one_closes() {
+    let server = start_with(|c| c.per_ip_limit = Some(2)).await;
+    let first = join(server.addr, "first", "share").await;
+    let _second = join(server.addr, "second", "share").await;
+    assert!(refused_at_accept(server.addr, [127, 0, 0, 1]).await);
+    // Another address is not held back by this one.
+    assert!(!refused_at_accept(server.addr, [127, 0, 0, 2]).await);
+    assert!(server
+        .shared
+        .metrics
+        .render()
+        .contains(r#"mles_connections_refused_total{reason="per_ip_limit"} 1"#));
+    // The place comes back when a connection closes.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while refused_at_accept(server.addr, [127, 0, 0, 1]).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_client_over_its_message_rate_is_closed_and_one_under_it_is_not() {
     let server = start_with(|c| c.session.message_rate = Some((5, Duration::from_secs(60)))).await;
     let mut steady = join(server.addr, "steady", "rate").await;

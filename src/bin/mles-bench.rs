@@ -280,7 +280,7 @@ fn unlimited_flags(mles: &std::path::Path, given: &[String]) -> Vec<String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    ["--ip-rate", "--message-rate"]
+    ["--ip-rate", "--per-ip-limit", "--message-rate"]
         .iter()
         .filter(|flag| help.contains(&format!("{flag} ")))
         .filter(|flag| !given.iter().any(|g| g.starts_with(*flag)))

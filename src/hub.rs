@@ -184,6 +184,9 @@ struct Ring {
     messages: u64,
     /// Members that asked for join and leave notices.
     watchers: Vec<(MemberId, Arc<Notices>)>,
+    /// Replaced by a new channel of the same name: frames its last members still send are
+    /// not recorded, so they never mix into the new channel's history on disk.
+    retired: bool,
 }
 
 impl Ring {
@@ -251,6 +254,7 @@ impl Channel {
                 created: Instant::now(),
                 messages: 0,
                 watchers: Vec::new(),
+                retired: false,
             }),
             head: AtomicU64::new(0),
             published: Notify::new(),
@@ -270,7 +274,7 @@ impl Channel {
 
     /// Appends an entry and trims the ring to its bounds. The caller wakes members.
     fn push(self: &Arc<Self>, ring: &mut Ring, entry: Entry) {
-        if let Some(recorder) = self.hub.recorder.get() {
+        if let Some(recorder) = self.hub.recorder.get().filter(|_| !ring.retired) {
             recorder.record(self, &entry);
         }
         let config = &self.hub.config;
@@ -531,8 +535,16 @@ impl Hub {
             .or_insert_with(|| Arc::new(Channel::new(name.clone(), self.shared.clone())))
             .clone();
         if let Some(lifespan) = self.shared.config.lifespan {
-            if chan.lock().created.elapsed() >= lifespan {
-                // Its members are closed by their sessions; the name starts afresh.
+            let mut old = chan.lock();
+            if old.created.elapsed() >= lifespan {
+                // Its members are closed by their sessions; the name starts afresh, on
+                // disk too. Retired under its lock, the old channel records nothing after
+                // the forget, and the new one records only after it (one queue, in order).
+                old.retired = true;
+                drop(old);
+                if let Some(recorder) = self.shared.recorder.get() {
+                    recorder.forget(name.clone());
+                }
                 chan = Arc::new(Channel::new(name.clone(), self.shared.clone()));
                 channels.insert(name, chan.clone());
             }

@@ -156,3 +156,29 @@ async fn history_survives_kill_9_within_the_documented_bound() {
     let want: Vec<String> = (0..30).map(|i| format!("c{i}")).collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test]
+async fn a_channel_that_started_afresh_keeps_no_earlier_history_on_disk() {
+    let cache = tempfile::tempdir().unwrap();
+    let brief = |cache: &Path| {
+        let cache = cache.to_path_buf();
+        start_with(move |c| {
+            c.cache = Some(cache);
+            c.hub.lifespan = Some(Duration::from_millis(500));
+        })
+    };
+    let server = brief(cache.path()).await;
+    let mut a = join(server.addr, "a", "brief").await;
+    send_text(&mut a, "old news").await;
+    let (code, _) = expect_close(&mut a).await;
+    assert_eq!(code, 1008, "the lifespan is over");
+    let mut b = join(server.addr, "b", "brief").await;
+    send_text(&mut b, "new news").await;
+    let shared = server.shared.clone();
+    eventually("stored", || shared.metrics.messages_in.get() == 2).await;
+    drop(b);
+    server.stop().await;
+
+    let server = brief(cache.path()).await;
+    assert_eq!(history_of(server.addr, "brief", 1).await, ["new news"]);
+}

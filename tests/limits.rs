@@ -33,6 +33,13 @@ async fn refused_at_accept(addr: SocketAddr, from: [u8; 4]) -> bool {
     }
 }
 
+/// Panics unless /metrics counts `n` connections refused for `reason`.
+fn assert_refusals(server: &TestServer, reason: &str, n: u64) {
+    let metrics = server.shared.metrics.render();
+    let line = format!("mles_connections_refused_total{{reason=\"{reason}\"}} {n}\n");
+    assert!(metrics.contains(&line), "no {line:?} in {metrics}");
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_until_one_closes() {
     let server = start_with(|c| c.max_connections = 3).await;
@@ -47,11 +54,7 @@ async fn connections_over_the_limit_are_refused_until_one_closes() {
     })
     .await;
     let _d = join(server.addr, "d", "full").await;
-    let metrics = server.shared.metrics.render();
-    assert!(
-        metrics.contains(r#"mles_connections_refused_total{reason="max_connections"} 1"#),
-        "{metrics}"
-    );
+    assert_refusals(&server, "max_connections", 1);
 }
 
 #[tokio::test]
@@ -63,11 +66,7 @@ async fn each_address_gets_its_connection_rate_and_no_more() {
     assert!(refused_at_accept(server.addr, [127, 0, 0, 1]).await);
     // Another loopback address has its own budget.
     assert!(!refused_at_accept(server.addr, [127, 0, 0, 2]).await);
-    assert!(server
-        .shared
-        .metrics
-        .render()
-        .contains(r#"reason="ip_rate""#));
+    assert_refusals(&server, "ip_rate", 1);
 }
 
 #[tokio::test]
@@ -78,11 +77,7 @@ async fn each_address_holds_its_share_of_connections_until_one_closes() {
     assert!(refused_at_accept(server.addr, [127, 0, 0, 1]).await);
     // Another address is not held back by this one.
     assert!(!refused_at_accept(server.addr, [127, 0, 0, 2]).await);
-    assert!(server
-        .shared
-        .metrics
-        .render()
-        .contains(r#"mles_connections_refused_total{reason="per_ip_limit"} 1"#));
+    assert_refusals(&server, "per_ip_limit", 1);
     // The place comes back when a connection closes.
     drop(first);
     let deadline = tokio::time::Instant::now() + WAIT;

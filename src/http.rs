@@ -242,7 +242,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                crate::session::run(ws, shared, shutdown, peer).await;
+                crate::session::run(ws, shared, shutdown, peer, &permit).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }

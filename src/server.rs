@@ -407,7 +407,7 @@ async fn serve_connection(
 /// `connections_open` while held.
 pub struct Permit {
     _permit: OwnedSemaphorePermit,
-    _ip_place: Option<IpConnection>,
+    ip_place: std::sync::Mutex<Option<IpConnection>>,
     open: prometheus_client::metrics::gauge::Gauge,
 }
 
@@ -420,9 +420,21 @@ impl Permit {
         open.inc();
         Permit {
             _permit: permit,
-            _ip_place: ip_place,
+            ip_place: std::sync::Mutex::new(ip_place),
             open,
         }
+    }
+
+    /// Frees the connection's place under `--per-ip-limit` (it still counts against
+    /// `--max-connections`): for an authenticated peer server, which opens one link per
+    /// channel from one address.
+    pub fn release_ip_place(&self) {
+        let place = self
+            .ip_place
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(place);
     }
 }
 

@@ -113,12 +113,14 @@ impl End {
 }
 
 /// Runs one upgraded connection until it ends. `peer` is set when the client is a server
-/// of this kind that asked for enveloped frames.
+/// of this kind that asked for enveloped frames; `permit` is the connection's place under
+/// the connection limits.
 pub async fn run<S>(
     mut ws: WebSocketStream<S>,
     shared: Arc<Shared>,
     mut shutdown: Shutdown,
     peer: bool,
+    permit: &crate::server::Permit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -152,6 +154,12 @@ pub async fn run<S>(
             return;
         }
     };
+    // A peer server opens a link per channel from one address. Once it has proved the
+    // shared key those links are not held to the per-address limit; without a key anyone
+    // could claim to be a peer, so they are.
+    if peer && shared.config.key.is_some() {
+        permit.release_ip_place();
+    }
     // A backplane with shared history (NATS) brings it into the channel first, so a
     // client joining here gets the cluster's history too. The backplane bounds the wait.
     if !peer {

@@ -6,6 +6,7 @@ use common::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Loopback ports picked up front, so servers can name each other before they start.
 /// `N` free ports (see [`free_port`]): peers must know each other's before they start.
@@ -219,4 +220,62 @@ async fn links_close_after_the_grace_period_when_no_local_client_is_left() {
         shared_b.hub.channel("brief").map(|c| c.member_count()) == Some(0)
     })
     .await;
+}
+
+/// A client of a server with `key`: its join frame carries the auth token.
+async fn join_keyed(addr: SocketAddr, uid: &str, channel: &str, key: &str) -> Ws {
+    let mut ws = connect(addr).await;
+    let auth = mles::protocol::auth_token(uid, channel, Some(key));
+    let frame = serde_json::json!({"uid": uid, "channel": channel, "auth": auth});
+    send_text(&mut ws, &frame.to_string()).await;
+    ws
+}
+
+#[tokio::test]
+async fn authenticated_peer_links_are_not_held_to_the_per_address_limit() {
+    const KEY: &str = "shared secret";
+    let [a, b] = free_ports::<2>();
+    let keyed = |id: &'static str, port: u16, peers: Vec<u16>, per_ip_limit: Option<u32>| {
+        start_with(move |c| {
+            c.listen = SocketAddr::from(([127, 0, 0, 1], port));
+            c.server_id = id.into();
+            c.key = Some(KEY.into());
+            c.per_ip_limit = per_ip_limit;
+            c.peers.urls = peers
+                .iter()
+                .map(|p| mles::peer::parse_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
+                .collect();
+        })
+    };
+    let sb = keyed("b", b, vec![], Some(2)).await;
+    let sa = keyed("a", a, vec![b], None).await;
+    // One client on b, and three channels on a: three links from a's address (which is
+    // the clients' address too) to b.
+    let mut on_b = join_keyed(sb.addr, "reader", "ch0", KEY).await;
+    let mut on_a = Vec::new();
+    for i in 0..3 {
+        on_a.push(join_keyed(sa.addr, &format!("w{i}"), &format!("ch{i}"), KEY).await);
+    }
+    let shared = sb.shared.clone();
+    eventually("the reader and three links joined b", || {
+        shared.metrics.joins.get() == 4
+    })
+    .await;
+    send_text(&mut on_a[0], "over the link").await;
+    let got = collect(&mut on_b, 1).await;
+    assert_eq!(got, HashMap::from([("over the link".to_string(), 1)]));
+    // Clients are still held to it: with the reader, one more fits and then no more.
+    let _second = join_keyed(sb.addr, "second", "ch1", KEY).await;
+    let mut third = tokio::net::TcpStream::connect(sb.addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, third.read_to_end(&mut answer))
+        .await
+        .expect("closed in time");
+    assert!(
+        answer.is_empty(),
+        "a third connection from one address got in"
+    );
 }

@@ -56,10 +56,15 @@ impl IpRateLimiter {
     }
 }
 
-/// An IPv4-mapped IPv6 address as the IPv4 address it is, so both count as one client.
+/// The client an address stands for: an IPv4 address (IPv4-mapped IPv6 included) as
+/// itself, an IPv6 address as its /64, since one site or host is routinely given a whole
+/// /64 and could otherwise spread over countless addresses.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_canonical(),
+        IpAddr::V6(v6) => match v6.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !0u128 << 64).into()),
+            v4 => v4,
+        },
         v4 => v4,
     }
 }
@@ -205,6 +210,19 @@ mod tests {
             !limiter.admit("127.0.0.2".parse().unwrap()),
             "v4-mapped v6 is the same address"
         );
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_client() {
+        let limit = IpConnections::new(1);
+        let _one = limit.hold("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(limit
+            .hold("2001:db8:1:2:ffff::9".parse().unwrap())
+            .is_none());
+        assert!(limit.hold("2001:db8:1:3::1".parse().unwrap()).is_some());
+        let rate = IpRateLimiter::new(1);
+        assert!(rate.admit("2001:db8::1".parse().unwrap()));
+        assert!(!rate.admit("2001:db8::2".parse().unwrap()));
     }
 
     #[test]

@@ -180,11 +180,13 @@ pub struct Args {
         default_value_t = 1
     )]
     pub nats_replicas: usize,
-    /// New connections accepted per minute from one IP address (0: no limit).
+    /// New connections accepted per minute from one IP address, an IPv6 /64 counting as
+    /// one (0: no limit).
     #[arg(long = "ip-rate", env = "MLES_IP_RATE", default_value_t = 600)]
     pub ip_rate: u32,
-    /// Connections one IP address may hold open at once (0: no limit). Behind a reverse
-    /// proxy every client has the proxy's address: set 0 there and limit at the proxy.
+    /// Connections one IP address (IPv6: one /64) may hold open at once (0: no limit).
+    /// Behind a reverse proxy every client has the proxy's address: set 0 there and limit
+    /// at the proxy.
     #[arg(
         long = "per-ip-limit",
         env = "MLES_PER_IP_LIMIT",

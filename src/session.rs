@@ -350,18 +350,20 @@ impl Clock {
         self.start.elapsed().saturating_sub(last)
     }
 
-    /// A data frame arrived (also counts as hearing from the client).
-    fn data(&self) {
-        self.last_data.store(self.now(), Ordering::Relaxed);
+    /// A data frame arrived `at` (from [`Clock::heard`]).
+    fn data(&self, at: u64) {
+        self.last_data.store(at, Ordering::Relaxed);
     }
 
     fn since_data(&self) -> Duration {
         self.since(&self.last_data)
     }
 
-    /// Any frame arrived.
-    fn heard(&self) {
-        self.last_heard.store(self.now(), Ordering::Relaxed);
+    /// Any frame arrived; returns when, for [`Clock::data`] (one clock read per frame).
+    fn heard(&self) -> u64 {
+        let now = self.now();
+        self.last_heard.store(now, Ordering::Relaxed);
+        now
     }
 
     fn silence(&self) -> Duration {
@@ -384,10 +386,10 @@ where
         _ => None,
     };
     while let Some(frame) = stream.next().await {
-        clock.heard();
+        let now = clock.heard();
         match frame {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
-                clock.data();
+                clock.data(now);
                 shared.metrics.messages_in.inc();
                 shared.metrics.bytes_in.inc_by(msg.len() as u64);
                 if rate.as_mut().is_some_and(|r| !r.allow()) {
@@ -559,11 +561,17 @@ where
 }
 
 /// Runs a write to the socket; one that stalls for `limit` means the member is too slow.
+/// Most writes complete at once, and those start no timer (nor read the clock).
 async fn within(
     limit: Duration,
     write: impl std::future::Future<Output = Result<(), WsError>>,
 ) -> Result<(), End> {
-    match tokio::time::timeout(limit, write).await {
+    let mut write = std::pin::pin!(write);
+    let result = match futures::poll!(write.as_mut()) {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
+    };
+    match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(End::Error(e)),
         Err(_) => Err(End::SlowConsumer("too slow: write stalled")),

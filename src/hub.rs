@@ -399,6 +399,11 @@ impl Channel {
         self.lock().members.len()
     }
 
+    /// Whether `uid` is joined now.
+    pub fn has_member(&self, uid: &str) -> bool {
+        self.lock().members.contains_key(uid)
+    }
+
     /// Clients (not peer links) currently joined.
     pub fn client_count(&self) -> usize {
         self.lock().clients

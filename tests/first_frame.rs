@@ -49,7 +49,7 @@ async fn every_bad_first_frame_is_closed_with_1008_and_a_reason() {
         );
     }
     // The server carries on for everyone else.
-    let mut a = join(server.addr, "a", "fine").await;
+    let mut a = join_now(&server, "a", "fine").await;
     let mut b = join(server.addr, "b", "fine").await;
     recv_text(&mut b).await;
     send_text(&mut a, "still serving").await;

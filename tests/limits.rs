@@ -185,7 +185,7 @@ async fn a_full_channel_refuses_another_member_but_other_channels_do_not() {
 #[tokio::test]
 async fn a_channel_over_its_message_limit_closes_the_publisher() {
     let server = start_with(|c| c.hub.max_messages = Some(3)).await;
-    let mut a = join(server.addr, "a", "capped").await;
+    let mut a = join_now(&server, "a", "capped").await;
     let mut b = join(server.addr, "b", "capped").await;
     recv_text(&mut b).await;
     for i in 0..4 {

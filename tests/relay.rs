@@ -8,8 +8,8 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn text_frames_reach_every_other_member_in_order() {
     let server = start().await;
-    let mut a = join(server.addr, "a", "room").await;
-    let mut b = join(server.addr, "b", "room").await;
+    let mut a = join_now(&server, "a", "room").await;
+    let mut b = join_now(&server, "b", "room").await;
     let mut c = join(server.addr, "c", "room").await;
     // b and c first see the join frames of those before them.
     assert_eq!(recv_text(&mut b).await, join_frame("a", "room"));
@@ -28,7 +28,7 @@ async fn text_frames_reach_every_other_member_in_order() {
 #[tokio::test]
 async fn binary_frames_arrive_byte_exact_and_as_binary() {
     let server = start().await;
-    let mut a = join(server.addr, "a", "bin").await;
+    let mut a = join_now(&server, "a", "bin").await;
     let mut b = join(server.addr, "b", "bin").await;
     recv_text(&mut b).await;
     let payload: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
@@ -41,7 +41,7 @@ async fn binary_frames_arrive_byte_exact_and_as_binary() {
 #[tokio::test]
 async fn a_sender_never_gets_its_own_frames_back() {
     let server = start().await;
-    let mut a = join(server.addr, "a", "echo").await;
+    let mut a = join_now(&server, "a", "echo").await;
     let mut b = join(server.addr, "b", "echo").await;
     recv_text(&mut b).await;
     send_text(&mut a, "from a").await;
@@ -69,7 +69,7 @@ async fn channels_are_isolated_from_each_other() {
 #[tokio::test]
 async fn a_second_connection_with_the_same_uid_is_refused_and_the_first_carries_on() {
     let server = start().await;
-    let mut first = join(server.addr, "dup", "room").await;
+    let mut first = join_now(&server, "dup", "room").await;
     let mut other = join(server.addr, "other", "room").await;
     recv_text(&mut other).await;
     let mut second = join(server.addr, "dup", "room").await;

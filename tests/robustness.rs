@@ -84,7 +84,7 @@ async fn a_reader_that_stops_reading_is_dropped_and_nobody_else_waits() {
 #[tokio::test]
 async fn a_frame_over_the_size_limit_closes_that_connection_with_1009() {
     let server = start_with(|c| c.session.max_message_size = 1024).await;
-    let mut big = join(server.addr, "big", "sz").await;
+    let mut big = join_now(&server, "big", "sz").await;
     let mut other = join(server.addr, "other", "sz").await;
     recv_text(&mut other).await;
     send_binary(&mut big, &[1u8; 1000]).await;
@@ -131,7 +131,7 @@ async fn garbage_bytes_are_dropped_and_the_server_carries_on() {
         .expect("closed in time");
     drop(read);
 
-    let mut a = join(server.addr, "a", "after-garbage").await;
+    let mut a = join_now(&server, "a", "after-garbage").await;
     let mut b = join(server.addr, "b", "after-garbage").await;
     recv_text(&mut b).await;
     send_text(&mut a, "fine").await;

@@ -128,6 +128,22 @@ pub async fn join(addr: SocketAddr, uid: &str, channel: &str) -> Ws {
     ws
 }
 
+/// Joins like [`join`] and waits until `server` has taken the join, so that whoever joins
+/// next finds this member's join frame in the history (the server reads each connection's
+/// join frame concurrently, so two joins sent one after the other may land either way).
+pub async fn join_now(server: &TestServer, uid: &str, channel: &str) -> Ws {
+    let ws = join(server.addr, uid, channel).await;
+    let shared = server.shared.clone();
+    eventually("the join taken", || {
+        shared
+            .hub
+            .channel(channel)
+            .is_some_and(|c| c.has_member(uid))
+    })
+    .await;
+    ws
+}
+
 pub async fn send_text<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, text: &str) {
     tokio::time::timeout(WAIT, ws.send(Message::text(text)))
         .await

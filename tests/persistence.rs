@@ -12,7 +12,8 @@ async fn with_cache(cache: &Path) -> TestServer {
     start_with(move |c| c.cache = Some(cache)).await
 }
 
-/// Data frames (not join frames) in a late joiner's history.
+/// Data frames (not join frames) in a late joiner's history, checking that no more data
+/// frames follow.
 async fn history_of(addr: SocketAddr, channel: &str, expect: usize) -> Vec<String> {
     let mut ws = join(addr, "reader", channel).await;
     let mut got = Vec::new();
@@ -22,7 +23,11 @@ async fn history_of(addr: SocketAddr, channel: &str, expect: usize) -> Vec<Strin
             got.push(t);
         }
     }
-    expect_nothing(&mut ws, Duration::from_millis(300)).await;
+    let quiet = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(msg) = tokio::time::timeout_at(quiet, recv(&mut ws)).await {
+        let text = msg.into_text().unwrap().to_string();
+        assert!(text.starts_with('{'), "more history than expected: {text}");
+    }
     got
 }
 

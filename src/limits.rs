@@ -110,7 +110,8 @@ impl IpConnections {
     }
 
     /// Connections open from `ip`.
-    pub fn count(&self, ip: IpAddr) -> u32 {
+    #[cfg(test)]
+    fn count(&self, ip: IpAddr) -> u32 {
         self.open().get(&canonical(ip)).copied().unwrap_or(0)
     }
 }

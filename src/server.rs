@@ -429,12 +429,11 @@ impl Permit {
     /// `--max-connections`): for an authenticated peer server, which opens one link per
     /// channel from one address.
     pub fn release_ip_place(&self) {
-        let place = self
-            .ip_place
+        // Dropping the place frees it.
+        self.ip_place
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        drop(place);
     }
 }
 

@@ -15,6 +15,16 @@ fn free_ports<const N: usize>() -> [u16; N] {
 }
 
 async fn peer_server(id: &str, port: u16, peers: &[u16], plain: bool) -> TestServer {
+    peer_server_with(id, port, peers, move |c| c.peer_envelopes = !plain).await
+}
+
+/// A server `id` on `port` linking to `peers`, with `more` settings.
+async fn peer_server_with(
+    id: &str,
+    port: u16,
+    peers: &[u16],
+    more: impl FnOnce(&mut mles::config::Config),
+) -> TestServer {
     let id = id.to_string();
     let urls: Vec<_> = peers
         .iter()
@@ -25,7 +35,7 @@ async fn peer_server(id: &str, port: u16, peers: &[u16], plain: bool) -> TestSer
         c.server_id = id;
         c.peers.urls = urls;
         c.peers.grace = Duration::from_secs(1);
-        c.peer_envelopes = !plain;
+        more(c);
     })
     .await
 }
@@ -235,20 +245,16 @@ async fn join_keyed(addr: SocketAddr, uid: &str, channel: &str, key: &str) -> Ws
 async fn authenticated_peer_links_are_not_held_to_the_per_address_limit() {
     const KEY: &str = "shared secret";
     let [a, b] = free_ports::<2>();
-    let keyed = |id: &'static str, port: u16, peers: Vec<u16>, per_ip_limit: Option<u32>| {
-        start_with(move |c| {
-            c.listen = SocketAddr::from(([127, 0, 0, 1], port));
-            c.server_id = id.into();
-            c.key = Some(KEY.into());
-            c.per_ip_limit = per_ip_limit;
-            c.peers.urls = peers
-                .iter()
-                .map(|p| mles::peer::parse_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
-                .collect();
-        })
-    };
-    let sb = keyed("b", b, vec![], Some(2)).await;
-    let sa = keyed("a", a, vec![b], None).await;
+    let sb = peer_server_with("b", b, &[], |c| {
+        c.key = Some(KEY.into());
+        c.per_ip_limit = Some(2);
+    })
+    .await;
+    let sa = peer_server_with("a", a, &[b], |c| {
+        c.key = Some(KEY.into());
+        c.per_ip_limit = None;
+    })
+    .await;
     // One client on b, and three channels on a: three links from a's address (which is
     // the clients' address too) to b.
     let mut on_b = join_keyed(sb.addr, "reader", "ch0", KEY).await;

@@ -266,11 +266,41 @@ pub struct Args {
     /// requests under /PREFIX go to the upstream with the prefix stripped.
     #[arg(long = "proxy", env = "MLES_PROXY", value_delimiter = ',')]
     pub proxy: Vec<String>,
-    /// Serve /metrics (and /health) on this plain-HTTP ADDR:PORT only; without it, /metrics
-    /// on the main listener answers loopback clients only.
+    /// Serve /metrics (and /health) on this plain-HTTP ADDR:PORT only.
     #[arg(long = "metrics-bind", env = "MLES_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
+    /// Also answer /metrics on the main listener, to loopback clients only. Off by default:
+    /// behind a local reverse proxy every client is a loopback client.
+    #[arg(
+        long = "metrics-on-main",
+        env = "MLES_METRICS_ON_MAIN",
+        conflicts_with = "metrics_bind"
+    )]
+    pub metrics_on_main: bool,
 }
+
+/// The secrets, read only from the environment (never flags, never logged).
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `MLES_KEY`: the key clients compute their auth tokens with.
+    pub key: Option<String>,
+    /// `MLES_PEER_KEY`: the secret only peer servers share.
+    pub peer_key: Option<String>,
+}
+
+impl Secrets {
+    /// `MLES_KEY` and `MLES_PEER_KEY` from the process environment; empty means unset.
+    pub fn from_env() -> Secrets {
+        let var = |name| std::env::var(name).ok().filter(|k: &String| !k.is_empty());
+        Secrets {
+            key: var("MLES_KEY"),
+            peer_key: var("MLES_PEER_KEY"),
+        }
+    }
+}
+
+/// Shortest peer key accepted: it is the only thing between a client and peer powers.
+pub const MIN_PEER_KEY_LEN: usize = 16;
 
 /// Validated settings the server runs with.
 #[derive(Clone)]
@@ -284,6 +314,9 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Shared secret for first-frame auth, from `MLES_KEY`; never logged.
     pub key: Option<String>,
+    /// Secret peer servers prove on every link, from `MLES_PEER_KEY`; without it this
+    /// server neither opens nor accepts peer links.
+    pub peer_key: Option<protocol::PeerKey>,
     pub hub: crate::hub::HubConfig,
     pub session: crate::session::SessionConfig,
     pub handshake_timeout: Duration,
@@ -298,6 +331,8 @@ pub struct Config {
     pub proxies: Vec<crate::proxy::ProxyRule>,
     /// The separate metrics listener; when set, /metrics is not served on the main one.
     pub metrics_bind: Option<SocketAddr>,
+    /// Whether /metrics is answered on the main listener (to loopback clients).
+    pub metrics_on_main: bool,
     pub peers: crate::peer::PeerConfig,
     /// This server's uid on peer links and the origin of its clients' frames.
     pub server_id: String,
@@ -330,6 +365,7 @@ impl std::fmt::Debug for Config {
             .field("tls", &self.tls)
             .field("wwwroot", &self.wwwroot)
             .field("key", &self.key.as_ref().map(|_| "<set>"))
+            .field("peer_key", &self.peer_key.as_ref().map(|_| "<set>"))
             .finish_non_exhaustive()
     }
 }
@@ -337,13 +373,12 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Parses the process arguments and environment; exits with clap's message on bad syntax.
     pub fn from_env() -> Result<Config, Error> {
-        let args = Args::parse();
-        let key = std::env::var("MLES_KEY").ok().filter(|k| !k.is_empty());
-        Config::from_args(args, key)
+        Config::from_args(Args::parse(), Secrets::from_env())
     }
 
-    /// Validates parsed flags. `key` is the shared auth secret, if any.
-    pub fn from_args(args: Args, key: Option<String>) -> Result<Config, Error> {
+    /// Validates parsed flags and the secrets.
+    pub fn from_args(args: Args, secrets: Secrets) -> Result<Config, Error> {
+        let Secrets { key, peer_key } = secrets;
         let bad = |msg: String| Err(Error::Config(msg));
         let domains: Vec<String> = args
             .domains
@@ -452,6 +487,23 @@ impl Config {
         if nats.is_some() && !peer_urls.is_empty() {
             return bad("--peer and --nats do not go together: with --nats the servers of a cluster share channels through NATS; to link a server outside the cluster, give it --peer to one of them".into());
         }
+        let peer_key = match peer_key {
+            None if !peer_urls.is_empty() => {
+                return bad("--peer needs MLES_PEER_KEY: the secret peer servers share (not MLES_KEY, which every client knows)".into());
+            }
+            None => None,
+            Some(k) if k.len() < MIN_PEER_KEY_LEN => {
+                return bad(format!(
+                    "MLES_PEER_KEY must be at least {MIN_PEER_KEY_LEN} characters"
+                ));
+            }
+            Some(k) if key.as_deref() == Some(k.as_str()) => {
+                return bad(
+                    "MLES_PEER_KEY must differ from MLES_KEY, which every client knows".into(),
+                );
+            }
+            Some(k) => Some(protocol::PeerKey::new(&k)),
+        };
         let server_id = args.server_id.clone().unwrap_or_else(host_name);
         if protocol::parse_join(&serde_json::json!({"uid": server_id, "channel": "x"}).to_string())
             .is_err()
@@ -480,6 +532,7 @@ impl Config {
                 .then(|| SocketAddr::new(ip, args.redirect_port)),
             tls,
             key,
+            peer_key,
             hub: crate::hub::HubConfig {
                 history_limit: args.limit,
                 queue_frames: args.queue_frames,
@@ -508,6 +561,7 @@ impl Config {
             static_cache_bytes: args.static_cache_mb.saturating_mul(1024 * 1024),
             proxies,
             metrics_bind: args.metrics_bind,
+            metrics_on_main: args.metrics_on_main,
             peers: crate::peer::PeerConfig {
                 urls: peer_urls,
                 ca: args.peer_ca,
@@ -528,7 +582,7 @@ impl Config {
                 wwwroot: ".".into(),
                 ..args
             },
-            None,
+            Secrets::default(),
         )
         .expect("local defaults are valid");
         config.wwwroot = wwwroot.into();
@@ -568,7 +622,10 @@ mod tests {
     fn parse(extra: &[&str]) -> Result<Config, Error> {
         let mut argv = vec!["mles", "--wwwroot", "."];
         argv.extend_from_slice(extra);
-        Config::from_args(Args::try_parse_from(argv).expect("flags parse"), None)
+        Config::from_args(
+            Args::try_parse_from(argv).expect("flags parse"),
+            Secrets::default(),
+        )
     }
 
     #[test]
@@ -589,7 +646,7 @@ mod tests {
         assert!(msg(parse(&["-d", "bad/host"])).contains("invalid domain"));
         let c = Config::from_args(
             Args::try_parse_from(["mles", "--wwwroot", "/nonexistent-dir"]).unwrap(),
-            None,
+            Secrets::default(),
         );
         assert!(msg(c).contains("not a directory"));
         assert!(Args::try_parse_from(["mles", "--tls", "bogus"]).is_err());
@@ -599,9 +656,42 @@ mod tests {
     fn key_is_never_in_debug_output() {
         let c = Config::from_args(
             Args::try_parse_from(["mles", "--wwwroot", "."]).unwrap(),
-            Some("hunter2".into()),
+            Secrets {
+                key: Some("hunter2".into()),
+                peer_key: Some("correct horse battery".into()),
+            },
         )
         .unwrap();
-        assert!(!format!("{c:?}").contains("hunter2"));
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("horse"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn peering_needs_a_peer_key_of_its_own() {
+        let with = |key: Option<&str>, peer_key: Option<&str>, extra: &[&str]| {
+            let mut argv = vec!["mles", "--wwwroot", "."];
+            argv.extend_from_slice(extra);
+            let secrets = Secrets {
+                key: key.map(Into::into),
+                peer_key: peer_key.map(Into::into),
+            };
+            Config::from_args(Args::try_parse_from(argv).unwrap(), secrets)
+        };
+        let peer = ["--peer", "ws://127.0.0.1:9/"];
+        let err = |r: Result<Config, Error>| r.unwrap_err().to_string();
+        assert!(err(with(Some("k"), None, &peer)).contains("MLES_PEER_KEY"));
+        assert!(err(with(None, Some("short"), &peer)).contains("at least 16"));
+        let same = "the same long secret";
+        assert!(err(with(Some(same), Some(same), &peer)).contains("differ from MLES_KEY"));
+        let c = with(Some("k"), Some("a long peer secret"), &peer).unwrap();
+        assert!(c.peer_key.is_some() && c.peers.urls.len() == 1);
+        // Without --peer a peer key still lets peers link to this server.
+        assert!(with(None, Some("a long peer secret"), &[])
+            .unwrap()
+            .peer_key
+            .is_some());
     }
 }

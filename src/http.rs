@@ -17,8 +17,12 @@ use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response as WarpResponse;
 use warp::Filter;
 
-use crate::protocol::{PEER_HEADER, PEER_VERSION, SUBPROTOCOL};
+use crate::protocol::{
+    self, PeerRole, PEER_CHALLENGE_HEADER, PEER_HEADER, PEER_NONCE_HEADER, PEER_PROOF_HEADER,
+    PEER_VERSION, SUBPROTOCOL,
+};
 use crate::server::Shared;
+use crate::session::PeerChallenge;
 use crate::shutdown::Shutdown;
 use crate::static_files;
 
@@ -31,10 +35,10 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
     req.extensions().get::<PeerAddr>().map(|p| p.0)
 }
 
-/// Whether `/metrics` on the main listener answers a client at `peer`: never when a
-/// separate metrics listener is configured, otherwise only to loopback clients.
+/// Whether `/metrics` on the main listener answers a client at `peer`: only when asked
+/// for with `--metrics-on-main`, and then only to loopback clients.
 pub fn metrics_allowed(config: &crate::config::Config, peer: Option<SocketAddr>) -> bool {
-    config.metrics_bind.is_none() && peer.is_some_and(|p| is_loopback(p.ip()))
+    config.metrics_on_main && peer.is_some_and(|p| is_loopback(p.ip()))
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -228,9 +232,13 @@ fn upgrade(
         );
     }
     let accept = derive_accept_key(key.as_bytes());
-    // A server of this kind linking to us asks for enveloped frames.
-    let peer = shared.config.peer_envelopes
-        && headers.get(PEER_HEADER).map(HeaderValue::as_bytes) == Some(PEER_VERSION.as_bytes());
+    let (challenge, peer_answer) = match peer_challenge(&shared.config, headers) {
+        Some((challenge, proof)) => {
+            let answer = (challenge.server_nonce.clone(), proof);
+            (Some(challenge), Some(answer))
+        }
+        None => (None, None),
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let ws_config = shared.config.session.websocket_config();
     tokio::spawn(async move {
@@ -242,7 +250,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                crate::session::run(ws, shared, shutdown, peer, &permit).await;
+                crate::session::run(ws, shared, shutdown, challenge, &permit).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }
@@ -254,13 +262,44 @@ fn upgrade(
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
-    if peer {
-        response = response.header(PEER_HEADER, PEER_VERSION);
+    if let Some((server_nonce, proof)) = peer_answer {
+        response = response
+            .header(PEER_HEADER, PEER_VERSION)
+            .header(PEER_CHALLENGE_HEADER, server_nonce)
+            .header(PEER_PROOF_HEADER, proof);
     }
     response
         .body(String::new())
         .expect("valid response")
         .map(Into::into)
+}
+
+/// The challenge for a server of this kind that asks to link (with its nonce) to a server
+/// holding a peer key, and this server's proof of that key. Without a peer key here, or
+/// without a well-formed request, the connection is an ordinary client: nothing it sends
+/// can earn it more than a client gets.
+fn peer_challenge(
+    config: &crate::config::Config,
+    headers: &HeaderMap,
+) -> Option<(PeerChallenge, String)> {
+    let key = config.peer_key.as_ref().filter(|_| config.peer_envelopes)?;
+    if headers.get(PEER_HEADER).map(HeaderValue::as_bytes) != Some(PEER_VERSION.as_bytes()) {
+        return None;
+    }
+    let link_nonce = headers
+        .get(PEER_NONCE_HEADER)
+        .and_then(|n| n.to_str().ok())
+        .filter(|n| protocol::valid_peer_nonce(n))?
+        .to_string();
+    let server_nonce = protocol::peer_nonce();
+    let proof = key.prove(PeerRole::Server, &link_nonce, &server_nonce, &[]);
+    Some((
+        PeerChallenge {
+            link_nonce,
+            server_nonce,
+        },
+        proof,
+    ))
 }
 
 #[cfg(test)]

@@ -173,8 +173,11 @@ struct Ring {
     /// Sequence number of `entries[0]`.
     first_seq: u64,
     bytes: usize,
-    members: HashMap<Arc<str>, (MemberId, MemberKind)>,
-    clients: usize,
+    /// Clients by uid.
+    members: HashMap<Arc<str>, MemberId>,
+    /// Links to other servers, by link name: a namespace of their own, so no client uid
+    /// can take a link's place or be mistaken for one.
+    links: HashMap<Arc<str>, MemberId>,
     /// Keys of relayed frames already stored, oldest first, for de-duplication.
     seen: HashSet<MsgKey>,
     seen_order: VecDeque<MsgKey>,
@@ -247,7 +250,7 @@ impl Channel {
                 first_seq: 0,
                 bytes: 0,
                 members: HashMap::new(),
-                clients: 0,
+                links: HashMap::new(),
                 seen: HashSet::new(),
                 seen_order: VecDeque::new(),
                 last_activity: Instant::now(),
@@ -394,19 +397,25 @@ impl Channel {
         ring.entries.iter().skip(skip).cloned().collect()
     }
 
-    /// Members currently joined, clients and peers.
+    /// Members currently joined, clients and links.
     pub fn member_count(&self) -> usize {
-        self.lock().members.len()
+        let ring = self.lock();
+        ring.members.len() + ring.links.len()
     }
 
-    /// Whether `uid` is joined now.
+    /// Whether a client with `uid` is joined now.
     pub fn has_member(&self, uid: &str) -> bool {
         self.lock().members.contains_key(uid)
     }
 
-    /// Clients (not peer links) currently joined.
+    /// Whether a link named `name` is joined now.
+    pub fn has_link(&self, name: &str) -> bool {
+        self.lock().links.contains_key(name)
+    }
+
+    /// Clients (not links) currently joined.
     pub fn client_count(&self) -> usize {
-        self.lock().clients
+        self.lock().members.len()
     }
 
     /// When the channel's lifespan (if any) ends.
@@ -557,12 +566,16 @@ impl Hub {
         let mut ring = chan.lock();
         drop(channels);
         let uid: Arc<str> = Arc::from(uid);
-        if ring.members.contains_key(&uid) {
+        let taken = match kind {
+            MemberKind::Client => ring.members.contains_key(&uid),
+            MemberKind::Peer => ring.links.contains_key(&uid),
+        };
+        if taken {
             return Err(JoinError::DuplicateUid);
         }
         if kind == MemberKind::Client {
             if let Some(max) = self.shared.config.max_members {
-                if ring.clients >= max {
+                if ring.members.len() >= max {
                     return Err(JoinError::ChannelFull);
                 }
             }
@@ -573,10 +586,15 @@ impl Hub {
             ring.watchers.push((id, notices.clone()));
             notices
         });
-        ring.members.insert(uid.clone(), (id, kind));
-        let first_client = kind == MemberKind::Client && {
-            ring.clients += 1;
-            ring.clients == 1
+        let first_client = match kind {
+            MemberKind::Client => {
+                ring.members.insert(uid.clone(), id);
+                ring.members.len() == 1
+            }
+            MemberKind::Peer => {
+                ring.links.insert(uid.clone(), id);
+                false
+            }
         };
         let history = ring.entries.len().min(self.shared.config.history_limit) as u64;
         let join_seq = ring.head();
@@ -627,8 +645,7 @@ impl Hub {
             .iter()
             .filter_map(|(name, chan)| {
                 let ring = chan.lock();
-                ring.members
-                    .is_empty()
+                (ring.members.is_empty() && ring.links.is_empty())
                     .then(|| (ring.last_activity, name.clone()))
             })
             .min()
@@ -649,7 +666,9 @@ impl Hub {
         let mut removed = Vec::new();
         self.channels().retain(|name, chan| {
             let ring = chan.lock();
-            let keep = !ring.members.is_empty() || now.duration_since(ring.last_activity) < expiry;
+            let keep = !ring.members.is_empty()
+                || !ring.links.is_empty()
+                || now.duration_since(ring.last_activity) < expiry;
             if !keep {
                 removed.push(name.clone());
             }
@@ -812,11 +831,12 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         let mut ring = self.channel.lock();
-        if ring.members.get(&self.uid).map(|m| m.0) == Some(self.id) {
-            ring.members.remove(&self.uid);
-            if self.kind == MemberKind::Client {
-                ring.clients -= 1;
-            }
+        let names = match self.kind {
+            MemberKind::Client => &mut ring.members,
+            MemberKind::Peer => &mut ring.links,
+        };
+        if names.get(&self.uid) == Some(&self.id) {
+            names.remove(&self.uid);
         }
         if self.notices.is_some() {
             ring.watchers.retain(|(id, _)| *id != self.id);

@@ -972,7 +972,7 @@ mod tests {
             argv.extend_from_slice(extra);
             crate::config::Config::from_args(
                 crate::config::Args::try_parse_from(argv).unwrap(),
-                None,
+                crate::config::Secrets::default(),
             )
         };
         let c = parse(&[

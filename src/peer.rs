@@ -33,7 +33,10 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::hub::{Backplane, Channel, MemberKind};
 use crate::limits::Backoff;
-use crate::protocol::{self, PEER_HEADER, PEER_VERSION, SUBPROTOCOL};
+use crate::protocol::{
+    self, PeerRole, PEER_CHALLENGE_HEADER, PEER_HEADER, PEER_NONCE_HEADER, PEER_PROOF_HEADER,
+    PEER_VERSION, SUBPROTOCOL,
+};
 use crate::server::Shared;
 use crate::session::{self, Mode};
 use crate::shutdown;
@@ -150,7 +153,7 @@ async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, i
         }
         match connect(peers, shared, url, channel.name()).await {
             Ok((ws, envelopes)) => {
-                let uid = format!("\u{1}peer {url}");
+                let uid = format!("to {url}");
                 let member = match shared
                     .hub
                     .join(channel.name(), &uid, MemberKind::Peer, None)
@@ -225,6 +228,7 @@ async fn connect(
     url: &Uri,
     channel: &str,
 ) -> Result<(WebSocketStream<BoxedIo>, bool), String> {
+    let link_nonce = protocol::peer_nonce();
     let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
     let tls = url.scheme_str() == Some("wss");
     let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
@@ -255,6 +259,10 @@ async fn connect(
             HeaderValue::from_static(SUBPROTOCOL),
         );
         headers.insert(PEER_HEADER, HeaderValue::from_static(PEER_VERSION));
+        headers.insert(
+            PEER_NONCE_HEADER,
+            HeaderValue::from_str(&link_nonce).map_err(|e| e.to_string())?,
+        );
         let ws_config = shared.config.session.websocket_config();
         tokio_tungstenite::client_async_with_config(request, io, Some(ws_config))
             .await
@@ -263,14 +271,34 @@ async fn connect(
     let (mut ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| "connect timed out".to_string())??;
-    let envelopes = response
-        .headers()
-        .get(PEER_HEADER)
-        .map(HeaderValue::as_bytes)
-        == Some(PEER_VERSION.as_bytes());
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     let uid = &shared.config.server_id;
     let auth = protocol::auth_token(uid, channel, shared.config.key.as_deref());
-    let join = serde_json::json!({"uid": uid, "channel": channel, "auth": auth});
+    let mut join = serde_json::json!({"uid": uid, "channel": channel, "auth": auth});
+    // A server of this kind with a peer key answers with its nonce and its proof; anything
+    // else (a plain mles v2 server, or one without a peer key) gets an ordinary client.
+    let envelopes = match (header(PEER_HEADER), &shared.config.peer_key) {
+        (Some(PEER_VERSION), Some(key)) => {
+            let server_nonce = header(PEER_CHALLENGE_HEADER)
+                .filter(|n| protocol::valid_peer_nonce(n))
+                .ok_or("peer answered without a challenge")?;
+            let proof = header(PEER_PROOF_HEADER).unwrap_or_default();
+            if !key.verify(PeerRole::Server, &link_nonce, server_nonce, &[], proof) {
+                return Err("peer did not prove the peer key".to_string());
+            }
+            let names = [uid.as_str(), channel];
+            join["peer_proof"] = key
+                .prove(PeerRole::Link, &link_nonce, server_nonce, &names)
+                .into();
+            true
+        }
+        _ => false,
+    };
     futures::SinkExt::send(&mut ws, Message::text(join.to_string()))
         .await
         .map_err(|e| e.to_string())?;

@@ -36,7 +36,10 @@ pub struct Join {
     pub auth: Option<String>,
     /// `"presence": true`: the client wants join and leave notices.
     pub presence: bool,
-    /// The join frame as it goes into history: the client's frame minus its `auth` field.
+    /// `peer_proof`: a linking server's proof of the peer key (see [`PeerKey`]).
+    pub peer_proof: Option<String>,
+    /// The join frame as it goes into history: the client's frame minus its `auth` and
+    /// `peer_proof` fields.
     pub history_frame: String,
 }
 
@@ -76,13 +79,11 @@ pub fn parse_join(text: &str) -> Result<Join, JoinError> {
         Some(serde_json::Value::Bool(b)) => *b,
         Some(_) => return Err(JoinError::WrongType("presence")),
     };
-    let auth = match object.get("auth") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(JoinError::WrongType("auth")),
-    };
+    let auth = string_field(&object, "auth")?;
+    let peer_proof = string_field(&object, "peer_proof")?;
     // Keep the client's bytes when there is nothing to strip, so history is what was sent.
-    let history_frame = if object.remove("auth").is_some() {
+    let stripped = object.remove("auth").is_some() | object.remove("peer_proof").is_some();
+    let history_frame = if stripped {
         serde_json::Value::Object(object).to_string()
     } else {
         text.to_string()
@@ -92,8 +93,21 @@ pub fn parse_join(text: &str) -> Result<Join, JoinError> {
         channel,
         auth,
         presence,
+        peer_proof,
         history_frame,
     })
+}
+
+/// An optional string field (absent or null: `None`).
+fn string_field(
+    object: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<String>, JoinError> {
+    match object.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(JoinError::WrongType(field)),
+    }
 }
 
 fn name_field(
@@ -148,12 +162,138 @@ pub fn verify_auth(join: &Join, key: Option<&str>) -> Result<(), JoinError> {
 }
 
 /// Request header a server sends when it opens a peer link, and the response header a
-/// server of this kind answers with: both then wrap every frame in an [`Envelope`]. A plain
-/// mles v2 server ignores the header and the link carries bare frames.
+/// server of this kind answers with when it holds a peer key: both then prove that key
+/// ([`PeerKey`]) and wrap every frame in an [`Envelope`]. A plain mles v2 server, or one
+/// without a peer key, ignores the header and the link carries bare frames.
 pub const PEER_HEADER: &str = "x-mles-peer";
 
-/// Version of the envelope format carried in [`PEER_HEADER`].
-pub const PEER_VERSION: &str = "1";
+/// Version of the peer handshake and envelope format carried in [`PEER_HEADER`].
+pub const PEER_VERSION: &str = "2";
+
+/// Request header: the linking server's fresh nonce (hex).
+pub const PEER_NONCE_HEADER: &str = "x-mles-peer-nonce";
+
+/// Response header: the accepting server's fresh nonce (hex), which the link's proof covers.
+pub const PEER_CHALLENGE_HEADER: &str = "x-mles-peer-challenge";
+
+/// Response header: the accepting server's proof that it holds the peer key.
+pub const PEER_PROOF_HEADER: &str = "x-mles-peer-proof";
+
+/// Bytes of each handshake nonce.
+pub const PEER_NONCE_LEN: usize = 16;
+
+/// The secret peer servers share (`MLES_PEER_KEY`), distinct from the client key: clients
+/// know `MLES_KEY` (they compute their auth tokens with it), so only this one proves that a
+/// connection comes from a server. Never printed.
+///
+/// The handshake: the link sends a fresh nonce in [`PEER_NONCE_HEADER`]; the accepting
+/// server answers the upgrade with a fresh nonce of its own in [`PEER_CHALLENGE_HEADER`]
+/// and its proof over both nonces in [`PEER_PROOF_HEADER`]; the link checks that proof and
+/// sends its own, over both nonces, its uid and the channel, as `peer_proof` in its join
+/// frame. Each proof is an HMAC-SHA256 under the key, compared in constant time. Since
+/// each side's proof covers the other side's fresh nonce, a recorded proof is worthless on
+/// any other connection.
+#[derive(Clone)]
+pub struct PeerKey(Vec<u8>);
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerKey(..)")
+    }
+}
+
+/// Which side of a peer handshake a proof is from; part of what the MAC covers, so one
+/// side's proof never passes as the other's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The server that opens the link.
+    Link,
+    /// The server that accepts it.
+    Server,
+}
+
+impl PeerKey {
+    pub fn new(secret: &str) -> PeerKey {
+        PeerKey(secret.as_bytes().to_vec())
+    }
+
+    fn mac(
+        &self,
+        role: PeerRole,
+        link_nonce: &str,
+        server_nonce: &str,
+        names: &[&str],
+    ) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        let label: &[u8] = match role {
+            PeerRole::Link => b"mles-peer-v2 link",
+            PeerRole::Server => b"mles-peer-v2 server",
+        };
+        // Every field is NUL-terminated: none of them may contain NUL (nonces are hex,
+        // names printable ASCII), so the encoding is unambiguous.
+        for field in [label, link_nonce.as_bytes(), server_nonce.as_bytes()]
+            .into_iter()
+            .chain(names.iter().map(|n| n.as_bytes()))
+        {
+            mac.update(field);
+            mac.update(&[0]);
+        }
+        mac
+    }
+
+    /// The proof `role` sends, as lowercase hex. `names` are the link's uid and channel for
+    /// the link's proof, nothing for the server's.
+    pub fn prove(
+        &self,
+        role: PeerRole,
+        link_nonce: &str,
+        server_nonce: &str,
+        names: &[&str],
+    ) -> String {
+        use hmac::Mac;
+        hex::encode(
+            self.mac(role, link_nonce, server_nonce, names)
+                .finalize()
+                .into_bytes(),
+        )
+    }
+
+    /// Whether `proof` (hex) is `role`'s proof for these nonces and names; constant time.
+    pub fn verify(
+        &self,
+        role: PeerRole,
+        link_nonce: &str,
+        server_nonce: &str,
+        names: &[&str],
+        proof: &str,
+    ) -> bool {
+        use hmac::Mac;
+        let Ok(bytes) = hex::decode(proof) else {
+            return false;
+        };
+        self.mac(role, link_nonce, server_nonce, names)
+            .verify_slice(&bytes)
+            .is_ok()
+    }
+}
+
+/// A fresh random nonce for a peer handshake, as hex.
+pub fn peer_nonce() -> String {
+    let mut bytes = [0u8; PEER_NONCE_LEN];
+    // The OS generator failing is not something a server can recover from.
+    getrandom::getrandom(&mut bytes).expect("the OS random number generator works");
+    hex::encode(bytes)
+}
+
+/// Whether `nonce` is what [`peer_nonce`] makes: exactly that many lowercase hex digits.
+pub fn valid_peer_nonce(nonce: &str) -> bool {
+    nonce.len() == 2 * PEER_NONCE_LEN
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
 
 const ENVELOPE_MAGIC: &[u8; 4] = b"MLP1";
 
@@ -262,6 +402,33 @@ mod tests {
     }
 
     #[test]
+    fn peer_proofs_bind_key_role_nonces_and_names() {
+        let key = PeerKey::new("peer secret");
+        let (n1, n2) = (peer_nonce(), peer_nonce());
+        assert!(valid_peer_nonce(&n1) && n1 != n2);
+        let proof = key.prove(PeerRole::Link, &n1, &n2, &["a", "ch"]);
+        assert!(key.verify(PeerRole::Link, &n1, &n2, &["a", "ch"], &proof));
+        // Anything else changed and the proof fails.
+        assert!(!PeerKey::new("client key").verify(PeerRole::Link, &n1, &n2, &["a", "ch"], &proof));
+        assert!(!key.verify(PeerRole::Server, &n1, &n2, &["a", "ch"], &proof));
+        assert!(!key.verify(PeerRole::Link, &n2, &n1, &["a", "ch"], &proof));
+        assert!(!key.verify(PeerRole::Link, &n1, &peer_nonce(), &["a", "ch"], &proof));
+        assert!(!key.verify(PeerRole::Link, &n1, &n2, &["a", "ch2"], &proof));
+        assert!(!key.verify(PeerRole::Link, &n1, &n2, &["ach", ""], &proof));
+        assert!(!key.verify(PeerRole::Link, &n1, &n2, &["a", "ch"], "zz"));
+        assert!(!key.verify(PeerRole::Link, &n1, &n2, &["a", "ch"], &proof[..32]));
+        assert!(!format!("{key:?}").contains("secret"));
+        assert!(!valid_peer_nonce("00") && !valid_peer_nonce(&"G".repeat(32)));
+    }
+
+    #[test]
+    fn a_peer_proof_in_a_join_frame_stays_out_of_history() {
+        let j = parse_join(r#"{"uid":"a","channel":"c","peer_proof":"ab"}"#).unwrap();
+        assert_eq!(j.peer_proof.as_deref(), Some("ab"));
+        assert_eq!(j.history_frame, r#"{"uid":"a","channel":"c"}"#);
+    }
+
+    #[test]
     fn parses_a_minimal_join() {
         let j = parse_join(r#"{"uid":"alice","channel":"general"}"#).unwrap();
         assert_eq!(j.uid, "alice");
@@ -344,6 +511,7 @@ mod tests {
             channel: "c".into(),
             auth,
             presence: false,
+            peer_proof: None,
             history_frame: String::new(),
         };
         let keyed = auth_token("u", "c", Some("k"));

@@ -65,6 +65,14 @@ impl SessionConfig {
     }
 }
 
+/// What a connection that asked to be a peer link must prove in its join frame: the
+/// nonces of its upgrade (see [`crate::protocol::PeerKey`]).
+#[derive(Clone, Debug)]
+pub struct PeerChallenge {
+    pub link_nonce: String,
+    pub server_nonce: String,
+}
+
 /// How a connection's frames map to the hub.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -112,14 +120,15 @@ impl End {
     }
 }
 
-/// Runs one upgraded connection until it ends. `peer` is set when the client is a server
-/// of this kind that asked for enveloped frames; `permit` is the connection's place under
-/// the connection limits.
+/// Runs one upgraded connection until it ends. `challenge` is set when the client asked
+/// to be a peer link of a server of this kind: it is one only if its join frame proves the
+/// peer key, and is refused otherwise. `permit` is the connection's place under the
+/// connection limits.
 pub async fn run<S>(
     mut ws: WebSocketStream<S>,
     shared: Arc<Shared>,
     mut shutdown: Shutdown,
-    peer: bool,
+    challenge: Option<PeerChallenge>,
     permit: &crate::server::Permit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -139,12 +148,24 @@ pub async fn run<S>(
         Ok(Err(refusal)) => Err(refusal),
     };
     let join = join.and_then(|join| {
-        protocol::verify_auth(&join, shared.config.key.as_deref()).map_err(|e| {
-            shared.metrics.auth_failures.inc();
-            Refusal::new("auth", e.to_string())
-        })?;
+        match (&challenge, &shared.config.peer_key) {
+            (Some(challenge), Some(key)) => {
+                let proof = join.peer_proof.as_deref().unwrap_or_default();
+                let names = [join.uid.as_str(), join.channel.as_str()];
+                let (link, server) = (&challenge.link_nonce, &challenge.server_nonce);
+                if !key.verify(protocol::PeerRole::Link, link, server, &names, proof) {
+                    shared.metrics.auth_failures.inc();
+                    return Err(Refusal::new("peer_auth", "peer authentication failed"));
+                }
+            }
+            _ => protocol::verify_auth(&join, shared.config.key.as_deref()).map_err(|e| {
+                shared.metrics.auth_failures.inc();
+                Refusal::new("auth", e.to_string())
+            })?,
+        }
         Ok(join)
     });
+    let peer = challenge.is_some();
     let join = match join {
         Ok(join) => join,
         Err(refusal) => {
@@ -154,10 +175,9 @@ pub async fn run<S>(
             return;
         }
     };
-    // A peer server opens a link per channel from one address. Once it has proved the
-    // shared key those links are not held to the per-address limit; without a key anyone
-    // could claim to be a peer, so they are.
-    if peer && shared.config.key.is_some() {
+    // A peer server opens a link per channel from one address; having proved the peer
+    // key, its links are not held to the per-address limit.
+    if peer {
         permit.release_ip_place();
     }
     // A backplane with shared history (NATS) brings it into the channel first, so a
@@ -171,11 +191,13 @@ pub async fn run<S>(
             }
         }
     }
-    // A peer link's join is plumbing, not a person: it stays out of history.
+    // A peer link's join is plumbing, not a person: it stays out of history, and it lives
+    // in the links' namespace, where no client uid can collide with it.
     let (mode, joined) = if peer {
+        let name = format!("from {}", join.uid);
         let joined = shared
             .hub
-            .join(&join.channel, &join.uid, MemberKind::Peer, None);
+            .join(&join.channel, &name, MemberKind::Peer, None);
         (Mode::PeerEnvelope, joined)
     } else {
         let frame = Message::text(join.history_frame.clone());

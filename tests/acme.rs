@@ -201,7 +201,7 @@ fn acme_config(port: u16, domains: &str, pebble: &Pebble, cache: &Path) -> Confi
         cache.to_str().unwrap(),
     ])
     .expect("flags parse");
-    Config::from_args(args, None).expect("valid configuration")
+    Config::from_args(args, Default::default()).expect("valid configuration")
 }
 
 /// The certificate served for `domain` once there is one that `trust` accepts for it.

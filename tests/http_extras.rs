@@ -499,8 +499,23 @@ async fn metrics_are_served_on_their_own_listener_and_not_on_the_main_one() {
 }
 
 #[tokio::test]
-async fn without_a_metrics_listener_metrics_answer_loopback_clients_only() {
+async fn metrics_are_not_on_the_main_listener_unless_asked_for() {
+    // Behind a local reverse proxy every client is a loopback client: trusting loopback
+    // would make /metrics public there.
     let server = start().await;
+    let reply = get(server.addr, "/metrics", None).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(!String::from_utf8_lossy(&reply.body).contains("mles_"));
+    let peer = "127.0.0.1:40000".parse().unwrap();
+    assert!(!mles::http::metrics_allowed(
+        &server.shared.config,
+        Some(peer)
+    ));
+}
+
+#[tokio::test]
+async fn metrics_on_the_main_listener_answer_loopback_clients_only() {
+    let server = start_with(|c| c.metrics_on_main = true).await;
     let reply = get(server.addr, "/metrics", None).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&reply.body).contains("mles_connections_accepted_total"));

@@ -50,7 +50,7 @@ async fn health_says_ok() {
 
 #[tokio::test]
 async fn metrics_count_real_traffic() {
-    let server = start().await;
+    let server = start_with(|c| c.metrics_on_main = true).await;
     let mut a = join_now(&server, "a", "m").await;
     let mut b = join(server.addr, "b", "m").await;
     recv_text(&mut b).await;

@@ -14,6 +14,9 @@ fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|_| free_port())
 }
 
+/// The secret the test servers share as peers.
+const PEER_KEY: &str = "peer servers' secret";
+
 async fn peer_server(id: &str, port: u16, peers: &[u16], plain: bool) -> TestServer {
     peer_server_with(id, port, peers, move |c| c.peer_envelopes = !plain).await
 }
@@ -32,6 +35,7 @@ async fn peer_server_with(
         .collect();
     start_with(move |c| {
         c.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        c.peer_key = Some(mles::protocol::PeerKey::new(PEER_KEY));
         c.server_id = id;
         c.peers.urls = urls;
         c.peers.grace = Duration::from_secs(1);
@@ -243,7 +247,7 @@ async fn join_keyed(addr: SocketAddr, uid: &str, channel: &str, key: &str) -> Ws
 
 #[tokio::test]
 async fn authenticated_peer_links_are_not_held_to_the_per_address_limit() {
-    const KEY: &str = "shared secret";
+    const KEY: &str = "the client key";
     let [a, b] = free_ports::<2>();
     let sb = peer_server_with("b", b, &[], |c| {
         c.key = Some(KEY.into());

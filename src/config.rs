@@ -266,6 +266,11 @@ pub struct Args {
     /// requests under /PREFIX go to the upstream with the prefix stripped.
     #[arg(long = "proxy", env = "MLES_PROXY", value_delimiter = ',')]
     pub proxy: Vec<String>,
+    /// Memory budget for everything clients can make the server hold: history, frames
+    /// being received and queued, connections, static responses, links (e.g. 512M, 2G;
+    /// default: half of physical memory, at most 4G).
+    #[arg(long = "max-memory", env = "MLES_MAX_MEMORY", value_parser = crate::budget::parse_size)]
+    pub max_memory: Option<usize>,
     /// Serve /metrics (and /health) on this plain-HTTP ADDR:PORT only.
     #[arg(long = "metrics-bind", env = "MLES_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
@@ -299,6 +304,9 @@ impl Secrets {
     }
 }
 
+/// Smallest memory budget accepted.
+pub const MIN_MEMORY: usize = 16 << 20;
+
 /// Shortest peer key accepted: it is the only thing between a client and peer powers.
 pub const MIN_PEER_KEY_LEN: usize = 16;
 
@@ -318,6 +326,8 @@ pub struct Config {
     /// server neither opens nor accepts peer links.
     pub peer_key: Option<protocol::PeerKey>,
     pub hub: crate::hub::HubConfig,
+    /// The memory budget, in bytes.
+    pub max_memory: usize,
     pub session: crate::session::SessionConfig,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
@@ -505,11 +515,11 @@ impl Config {
             Some(k) => Some(protocol::PeerKey::new(&k)),
         };
         let server_id = args.server_id.clone().unwrap_or_else(host_name);
-        if protocol::parse_join(&serde_json::json!({"uid": server_id, "channel": "x"}).to_string())
-            .is_err()
-        {
+        let printable = server_id.bytes().all(|b| (0x21..0x7f).contains(&b));
+        if server_id.is_empty() || server_id.len() > protocol::MAX_SERVER_ID || !printable {
             return bad(format!(
-                "--server-id '{server_id}' must be 1-256 printable ASCII characters"
+                "--server-id '{server_id}' must be 1-{} printable ASCII characters without spaces",
+                protocol::MAX_SERVER_ID
             ));
         }
         let proxies = args
@@ -520,6 +530,13 @@ impl Config {
             .map(crate::proxy::ProxyRule::parse)
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::Config)?;
+        let max_memory = args.max_memory.unwrap_or_else(crate::budget::default_limit);
+        if max_memory < MIN_MEMORY {
+            return bad(format!(
+                "--max-memory must be at least {}M",
+                MIN_MEMORY >> 20
+            ));
+        }
         let ip = args.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
         Ok(Config {
             domains,
@@ -533,6 +550,7 @@ impl Config {
             tls,
             key,
             peer_key,
+            max_memory,
             hub: crate::hub::HubConfig {
                 history_limit: args.limit,
                 queue_frames: args.queue_frames,

@@ -11,9 +11,6 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use log::debug;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response as WarpResponse;
 use warp::Filter;
 
@@ -23,7 +20,6 @@ use crate::protocol::{
 };
 use crate::server::Shared;
 use crate::session::PeerChallenge;
-use crate::shutdown::Shutdown;
 use crate::static_files;
 
 /// The client's address, set as a request extension by the connection that read it.
@@ -135,11 +131,10 @@ pub async fn dispatch(
     req: Request<Incoming>,
     handler: Handler,
     shared: Arc<Shared>,
-    permit: Arc<crate::server::Permit>,
-    shutdown: Shutdown,
+    permit: Arc<crate::limits::Permit>,
 ) -> Result<WarpResponse, Infallible> {
     if is_upgrade(req.headers()) {
-        Ok(upgrade(req, shared, permit, shutdown))
+        Ok(upgrade(req, shared, permit))
     } else {
         Ok(handler(req).await)
     }
@@ -186,8 +181,7 @@ fn refuse(
 fn upgrade(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
-    permit: Arc<crate::server::Permit>,
-    shutdown: Shutdown,
+    permit: Arc<crate::limits::Permit>,
 ) -> WarpResponse {
     let headers = req.headers();
     if req.method() != Method::GET || !header_has_token(headers, header::CONNECTION, "upgrade") {
@@ -231,7 +225,7 @@ fn upgrade(
             "subprotocol",
         );
     }
-    let accept = derive_accept_key(key.as_bytes());
+    let accept = crate::websocket::accept_key(key.as_bytes());
     let (challenge, peer_answer) = match peer_challenge(&shared.config, headers) {
         Some((challenge, proof)) => {
             let answer = (challenge.server_nonce.clone(), proof);
@@ -240,21 +234,24 @@ fn upgrade(
         None => (None, None),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let ws_config = shared.config.session.websocket_config();
+    let peer = peer_addr(&req);
+    let sessions = shared.sessions.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                crate::session::run(ws, shared, shutdown, challenge, &permit).await;
+                // Back to the connection's own stream (and what was read past the request),
+                // so the session reads it without hyper's layer in between.
+                let (io, leftover) = match upgraded.downcast::<TokioIo<crate::tls::BoxedIo>>() {
+                    Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+                    Err(upgraded) => {
+                        let io: crate::tls::BoxedIo = Box::pin(TokioIo::new(upgraded));
+                        (io, bytes::Bytes::new())
+                    }
+                };
+                crate::session::run(io, leftover, sessions, challenge, permit, peer).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }
-        drop(permit);
     });
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -2,29 +2,54 @@
 //!
 //! Each channel keeps one ring of frames that is both its history and every member's
 //! outbound queue. A member is a cursor into that ring: publishing appends once and wakes
-//! the waiting members, who each copy out what lies past their cursor. So a publisher never
-//! waits on any member, a frame is stored once however many members read it, and a new
-//! member's history and the live frames after it are one contiguous run of the ring — no
-//! gap and no duplicate by construction. A member whose cursor falls off the back of the
-//! ring (it is more than the ring's frames or bytes behind) is told it lagged and is
-//! disconnected; nobody else notices.
+//! the members that are parked waiting for frames (and only those), who each copy out what
+//! lies past their cursor. So a publisher never waits on any member, a frame is stored once
+//! however many members read it, and a new member's history and the live frames after it
+//! are one contiguous run of the ring — no gap and no duplicate by construction.
+//!
+//! Every entry has a sequence number, increasing along the ring; numbers may have gaps,
+//! because a join frame can leave the middle of the ring (see below). A cursor is the next
+//! number a member wants, found by binary search.
+//!
+//! **Overload.** A member is too slow when it lags while others of its channel keep up: its
+//! cursor falls off the back of the ring (live frames it never read were dropped) and it is
+//! told [`Lagged`]. When instead *every* member is far behind — the server cannot write as
+//! fast as a publisher sends — the publisher is told to pause ([`Published::pause`]) and its
+//! session stops reading its socket until the fastest reader has caught up: TCP
+//! backpressure slows the publisher instead of the readers being cut off. The ring tells
+//! the cases apart by comparing the head with the fastest member's cursor, not with each
+//! member's.
+//!
+//! **Join frames** are history only: never sent live, replayed to later members. They may
+//! take at most half of a channel's history, and only the latest join of each uid is kept,
+//! so no number of joins can flush a channel's messages out of its history, and a channel
+//! that many clients join at once never makes its earlier members lag.
+//!
+//! **Memory.** Frames' payloads are charged to the memory budget by whoever made them (see
+//! [`crate::budget`]); each channel charges its own fixed cost and the bookkeeping of its
+//! entries. A channel without members keeps only its history (`--limit` frames, not the
+//! queue slack), and near the budget the history of channels without members goes first
+//! ([`Hub::relieve`]).
 //!
 //! Every frame carries a [`MsgKey`] — the server it entered the system on and a number —
 //! so frames relayed between servers (peer links, a backplane) are stored and delivered
 //! once however many paths bring them, and a restarted server can take back its history.
 //!
-//! Locks: the channel map's mutex is taken only to join and to sweep expired channels;
-//! each channel has its own mutex, held for a few pointer copies at a time, never across
-//! an `.await`.
+//! Locks: the channel map's mutex is taken only to join, to evict and to sweep; each
+//! channel has its own mutex, held for a few pointer copies at a time, never across an
+//! `.await`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Message;
+use futures::task::AtomicWaker;
+
+use crate::budget::{Budget, Need, Reservation};
+use crate::frame::Frame;
 
 /// Sizes of each channel's ring.
 #[derive(Clone, Debug)]
@@ -39,21 +64,27 @@ pub struct HubConfig {
     pub history_expiry: Duration,
     /// Most clients in one channel.
     pub max_members: Option<usize>,
-    /// Most frames clients may publish to one channel.
+    /// Most frames clients may publish to one channel (join frames included).
     pub max_messages: Option<u64>,
     /// How long a channel lives from its creation.
     pub lifespan: Option<Duration>,
     /// Most channels held at once; past it the least recently active channel without
     /// members is dropped to make room, and if every channel has members new ones are
-    /// refused. Bounds the memory that clients creating channels can make the server hold.
+    /// refused.
     pub max_channels: usize,
 }
 
 impl HubConfig {
-    /// The ring holds the history plus room for members to fall behind, so a new member
-    /// whose whole history is still unsent has the same slack as everyone else.
+    /// The ring of a channel with members holds the history plus room for members to fall
+    /// behind, so a new member whose whole history is still unsent has the same slack as
+    /// everyone else.
     fn ring_frames(&self) -> usize {
         self.history_limit + self.queue_frames
+    }
+
+    /// Join frames a channel's history keeps at most: half of it.
+    fn join_quota(&self) -> usize {
+        (self.history_limit / 2).max(1)
     }
 
     /// Relayed keys remembered per channel for de-duplication.
@@ -62,8 +93,21 @@ impl HubConfig {
     }
 }
 
+/// Memory a channel is charged for existing (its map slot, ring and lock).
+pub const CHANNEL_COST: usize = 1024;
+/// Memory charged per stored entry and per remembered key, beyond the payload.
+const ENTRY_COST: usize = 96;
+const SEEN_COST: usize = 64;
+/// A channel's bookkeeping is charged in steps of this much, not per entry.
+const CHARGE_STEP: usize = 16 * 1024;
+/// Notices queued per presence watcher at most; older ones are dropped first.
+const MAX_NOTICES: usize = 256;
+
 /// Identifies one membership (one connection's stay in one channel).
 pub type MemberId = u64;
+
+/// The `from` of entries restored from disk: they came from no member of this run.
+const RESTORED: MemberId = 0;
 
 /// Identifies a frame across servers: where it entered the system and its number there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -73,7 +117,7 @@ pub struct MsgKey {
     pub seq: u64,
 }
 
-/// What a member is: a client of this server, or another server linked to it.
+/// What a member is: a client of this server, or a link to another server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberKind {
     Client,
@@ -89,6 +133,10 @@ pub enum JoinError {
     ChannelFull,
     #[error("server channel limit reached")]
     TooManyChannels,
+    #[error("server memory budget reached")]
+    OutOfMemory,
+    #[error("channel message limit reached")]
+    MessageLimit,
 }
 
 /// A client's frame was refused: the channel reached its message limit.
@@ -96,55 +144,39 @@ pub enum JoinError {
 #[error("channel message limit reached")]
 pub struct MessageLimit;
 
-/// Notices queued per presence watcher at most; older ones are dropped first.
-const MAX_NOTICES: usize = 1024;
-
-/// Join and leave notices for one member that asked for them.
-#[derive(Default)]
-struct Notices {
-    queue: Mutex<VecDeque<Message>>,
-    pending: std::sync::atomic::AtomicBool,
-}
-
-impl Notices {
-    fn push(&self, notice: Message) {
-        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if queue.len() >= MAX_NOTICES {
-            queue.pop_front();
-        }
-        queue.push_back(notice);
-        self.pending.store(true, Ordering::Release);
-    }
-
-    fn drain_into(&self, out: &mut Vec<Message>) {
-        if self.pending.swap(false, Ordering::AcqRel) {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(queue.drain(..));
-        }
-    }
-}
-
-/// The presence notice for `uid` joining or leaving `channel` (documented in the README).
-fn presence_notice(event: &str, uid: &str, channel: &str) -> Message {
-    Message::text(
-        serde_json::json!({"presence": event, "uid": uid, "channel": channel}).to_string(),
-    )
-}
-
 /// A member fell further behind than its channel keeps frames for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("too slow: fell behind the channel")]
 pub struct Lagged;
 
+/// What publishing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The frame was stored (false: a relayed frame already here).
+    pub stored: bool,
+    /// Every reader of the channel is far behind: stop reading the publisher until
+    /// [`Member::poll_writable`] is ready.
+    pub pause: bool,
+}
+
 /// A stored frame.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// Its place in the channel's ring.
+    pub seq: u64,
     /// The member that put it here (a client, or the link it arrived on).
     pub from: MemberId,
     /// Join frames are history only: replayed to later members, never sent live.
     pub live: bool,
     pub key: MsgKey,
-    pub msg: Message,
+    pub frame: Frame,
+}
+
+impl Entry {
+    /// True for frames loaded from disk, from an earlier life of this server.
+    pub fn is_restored(&self) -> bool {
+        self.from == RESTORED
+    }
 }
 
 /// The hub's link to the world outside this server (peer links, a cluster backplane).
@@ -156,7 +188,7 @@ pub trait Backplane: Send + Sync {
     /// Resolves once a client joining `channel` next would get the history the backplane
     /// shares (a cluster's stored frames), or once waiting longer is not worth it. The
     /// backplane bounds the wait; by default there is nothing to wait for.
-    fn ready(&self, _channel: &Arc<Channel>) -> BoxFuture<'static, ()> {
+    fn ready(&self, _channel: &str) -> BoxFuture<'static, ()> {
         Box::pin(std::future::ready(()))
     }
 }
@@ -164,45 +196,116 @@ pub trait Backplane: Send + Sync {
 /// Receives every stored frame, for persistence. Must not block.
 pub trait Recorder: Send + Sync {
     fn record(&self, channel: &Arc<Channel>, entry: &Entry);
-    /// The channel was dropped from the hub (evicted); its stored history can go.
+    /// The channel was dropped from the hub for good; its stored history can go.
     fn forget(&self, channel: Arc<str>);
+}
+
+/// Where a parked task waits: for frames, or (a paused publisher) for readers to catch up.
+#[derive(Default)]
+struct WakeSlot {
+    waker: AtomicWaker,
+    /// In the channel's list of members waiting for frames.
+    parked: AtomicBool,
+    /// In the channel's list of publishers waiting for readers.
+    paused: AtomicBool,
+}
+
+/// Join and leave notices for one member that asked for them.
+#[derive(Default)]
+struct Notices {
+    queue: Mutex<VecDeque<Frame>>,
+    pending: AtomicBool,
+}
+
+impl Notices {
+    fn push(&self, notice: Frame) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= MAX_NOTICES {
+            queue.pop_front();
+        }
+        queue.push_back(notice);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    fn drain_into(&self, out: &mut Vec<Frame>) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(queue.drain(..));
+        }
+    }
+}
+
+/// The presence notice for `uid` joining or leaving `channel` (documented in the README).
+fn presence_notice(event: &str, uid: &str, channel: &str) -> Frame {
+    Frame::text(serde_json::json!({"presence": event, "uid": uid, "channel": channel}).to_string())
+}
+
+/// The uid a join frame names, to keep only each uid's latest join. Frames that name none
+/// (a relayed frame of another kind of server) are their own.
+fn join_uid(frame: &Frame, key: &MsgKey) -> Arc<str> {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        uid: std::borrow::Cow<'a, str>,
+    }
+    match frame
+        .as_text()
+        .and_then(|t| serde_json::from_str::<Named>(t).ok())
+    {
+        Some(named) => Arc::from(named.uid.as_ref()),
+        None => Arc::from(format!("\u{0}{}:{}", key.origin, key.seq)),
+    }
 }
 
 struct Ring {
     entries: VecDeque<Entry>,
-    /// Sequence number of `entries[0]`.
-    first_seq: u64,
+    /// Sequence number the next entry gets.
+    next_seq: u64,
+    /// Entries numbered below this that were live were dropped for room: a member whose
+    /// cursor is below it missed frames it wanted.
+    lost_live_to: u64,
+    /// Payload bytes of the entries.
     bytes: usize,
     /// Clients by uid.
     members: HashMap<Arc<str>, MemberId>,
     /// Links to other servers, by link name: a namespace of their own, so no client uid
     /// can take a link's place or be mistaken for one.
     links: HashMap<Arc<str>, MemberId>,
+    /// The join entries in the ring, oldest first, with their uid.
+    joins: VecDeque<(u64, Arc<str>)>,
     /// Keys of relayed frames already stored, oldest first, for de-duplication.
     seen: HashSet<MsgKey>,
     seen_order: VecDeque<MsgKey>,
     last_activity: Instant,
+    /// When the last client left (None while clients are joined): links measure their
+    /// grace period from here, not from the last frame.
+    clients_left_at: Option<Instant>,
     created: Instant,
     /// Frames clients published, for the per-channel message limit.
     messages: u64,
     /// Members that asked for join and leave notices.
     watchers: Vec<(MemberId, Arc<Notices>)>,
+    /// Members waiting for frames.
+    parked: Vec<Arc<WakeSlot>>,
+    /// Publishers waiting for readers to catch up.
+    paused: Vec<Arc<WakeSlot>>,
+    /// The furthest cursor a member has fetched to, and that member (0: unknown).
+    fastest: u64,
+    fastest_member: MemberId,
     /// Replaced by a new channel of the same name: frames its last members still send are
     /// not recorded, so they never mix into the new channel's history on disk.
     retired: bool,
+    /// The channel's own memory: its fixed cost and its entries' bookkeeping.
+    charge: Reservation,
 }
 
 impl Ring {
-    fn notify_presence(&self, except: MemberId, notice: &Message) {
+    fn notify_presence(&self, except: MemberId, notice: &Frame) {
         for (id, notices) in &self.watchers {
             if *id != except {
                 notices.push(notice.clone());
             }
         }
-    }
-
-    fn head(&self) -> u64 {
-        self.first_seq + self.entries.len() as u64
     }
 
     /// Remembers a relayed key; false when it was already known.
@@ -218,6 +321,69 @@ impl Ring {
         }
         true
     }
+
+    /// Index of the first entry numbered `seq` or later.
+    fn position(&self, seq: u64) -> usize {
+        self.entries.partition_point(|e| e.seq < seq)
+    }
+
+    /// Removes the entry numbered `seq`, if it is still here.
+    fn remove_seq(&mut self, seq: u64) {
+        let at = self.position(seq);
+        if self.entries.get(at).is_some_and(|e| e.seq == seq) {
+            if let Some(old) = self.entries.remove(at) {
+                self.bytes -= old.frame.len();
+            }
+        }
+    }
+
+    fn has_members(&self) -> bool {
+        !self.members.is_empty() || !self.links.is_empty()
+    }
+
+    /// Drops the oldest entries past `frames` or `bytes` (keeping at least one).
+    fn trim(&mut self, frames: usize, bytes: usize) {
+        while self.entries.len() > frames || (self.bytes > bytes && self.entries.len() > 1) {
+            let Some(old) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= old.frame.len();
+            if old.live {
+                self.lost_live_to = old.seq + 1;
+            } else if self.joins.front().is_some_and(|(seq, _)| *seq == old.seq) {
+                self.joins.pop_front();
+            }
+        }
+    }
+
+    /// Charges (or gives back) the bookkeeping memory of the entries, in steps.
+    fn settle_charge(&mut self) {
+        let want = CHANNEL_COST + self.entries.len() * ENTRY_COST + self.seen.len() * SEEN_COST;
+        let held = self.charge.bytes();
+        if want > held {
+            let more = (want - held).div_ceil(CHARGE_STEP) * CHARGE_STEP;
+            self.charge.force_grow(more);
+        } else if held - want > 2 * CHARGE_STEP {
+            self.charge.shrink(held - want - CHARGE_STEP);
+        }
+    }
+
+    /// Takes the parked members to wake (outside the lock).
+    fn take_parked(&mut self) -> Vec<Arc<WakeSlot>> {
+        std::mem::take(&mut self.parked)
+    }
+
+    /// Whether every reader is so far behind that publishers should pause.
+    fn readers_behind(&self, queue_frames: usize) -> bool {
+        self.fastest_member != 0 && self.next_seq - self.fastest > (queue_frames / 2) as u64
+    }
+}
+
+fn wake_all(slots: Vec<Arc<WakeSlot>>, flag: fn(&WakeSlot) -> &AtomicBool) {
+    for slot in slots {
+        flag(&slot).store(false, Ordering::Release);
+        slot.waker.wake();
+    }
 }
 
 /// Settings and identity every channel shares.
@@ -227,40 +393,47 @@ struct HubShared {
     origin: Arc<str>,
     next_seq: AtomicU64,
     next_member: AtomicU64,
+    budget: Arc<Budget>,
     backplane: OnceLock<Arc<dyn Backplane>>,
     recorder: OnceLock<Arc<dyn Recorder>>,
 }
 
-/// One channel: its ring and the signal that wakes members waiting for frames.
+/// One channel: its ring, and its head for lock-free checks.
 pub struct Channel {
     name: Arc<str>,
     ring: Mutex<Ring>,
-    /// Sequence number the next frame will get; read without the lock to skip idle polls.
+    /// Sequence number the next entry will get; read without the lock to skip idle polls.
     head: AtomicU64,
-    published: Notify,
     hub: Arc<HubShared>,
 }
 
 impl Channel {
-    fn new(name: Arc<str>, hub: Arc<HubShared>) -> Channel {
+    fn new(name: Arc<str>, hub: Arc<HubShared>, charge: Reservation) -> Channel {
         Channel {
             name,
             ring: Mutex::new(Ring {
                 entries: VecDeque::new(),
-                first_seq: 0,
+                next_seq: 1,
+                lost_live_to: 0,
                 bytes: 0,
                 members: HashMap::new(),
                 links: HashMap::new(),
+                joins: VecDeque::new(),
                 seen: HashSet::new(),
                 seen_order: VecDeque::new(),
                 last_activity: Instant::now(),
+                clients_left_at: Some(Instant::now()),
                 created: Instant::now(),
                 messages: 0,
                 watchers: Vec::new(),
+                parked: Vec::new(),
+                paused: Vec::new(),
+                fastest: 0,
+                fastest_member: 0,
                 retired: false,
+                charge,
             }),
-            head: AtomicU64::new(0),
-            published: Notify::new(),
+            head: AtomicU64::new(1),
             hub,
         }
     }
@@ -275,24 +448,55 @@ impl Channel {
         &self.name
     }
 
-    /// Appends an entry and trims the ring to its bounds. The caller wakes members.
-    fn push(self: &Arc<Self>, ring: &mut Ring, entry: Entry) {
+    /// Appends an entry and trims the ring to its bounds. Join frames beyond the quota,
+    /// and an earlier join of the same uid, leave the ring. The caller wakes members.
+    fn push(
+        self: &Arc<Self>,
+        ring: &mut Ring,
+        from: MemberId,
+        live: bool,
+        key: MsgKey,
+        frame: Frame,
+    ) -> u64 {
+        let config = &self.hub.config;
+        let seq = ring.next_seq;
+        ring.next_seq += 1;
+        let entry = Entry {
+            seq,
+            from,
+            live,
+            key,
+            frame,
+        };
         if let Some(recorder) = self.hub.recorder.get().filter(|_| !ring.retired) {
             recorder.record(self, &entry);
         }
-        let config = &self.hub.config;
-        ring.bytes += entry.msg.len();
-        ring.entries.push_back(entry);
-        let max_frames = config.ring_frames();
-        while ring.entries.len() > max_frames
-            || (ring.bytes > config.channel_bytes && ring.entries.len() > 1)
-        {
-            let old = ring.entries.pop_front().expect("ring is not empty");
-            ring.bytes -= old.msg.len();
-            ring.first_seq += 1;
+        if !live {
+            let uid = join_uid(&entry.frame, &entry.key);
+            if let Some(at) = ring.joins.iter().position(|(_, u)| *u == uid) {
+                if let Some((old, _)) = ring.joins.remove(at) {
+                    ring.remove_seq(old);
+                }
+            }
+            ring.joins.push_back((seq, uid));
+            while ring.joins.len() > config.join_quota() {
+                if let Some((old, _)) = ring.joins.pop_front() {
+                    ring.remove_seq(old);
+                }
+            }
         }
+        ring.bytes += entry.frame.len();
+        ring.entries.push_back(entry);
+        let frames = if ring.has_members() {
+            config.ring_frames()
+        } else {
+            config.history_limit
+        };
+        ring.trim(frames, config.channel_bytes);
+        ring.settle_charge();
         ring.last_activity = Instant::now();
-        self.head.store(ring.head(), Ordering::Release);
+        self.head.store(ring.next_seq, Ordering::Release);
+        seq
     }
 
     fn new_key(&self) -> MsgKey {
@@ -311,9 +515,9 @@ impl Channel {
         member: &Member,
         live: bool,
         key: Option<MsgKey>,
-        msg: Message,
-    ) -> Result<bool, MessageLimit> {
-        {
+        frame: Frame,
+    ) -> Result<Published, MessageLimit> {
+        let parked = {
             let mut ring = self.lock();
             let key = match key {
                 None => {
@@ -330,61 +534,52 @@ impl Channel {
                 Some(key) => {
                     let capacity = self.hub.config.seen_capacity();
                     if key.origin == self.hub.origin || !ring.remember(&key, capacity) {
-                        return Ok(false);
+                        return Ok(Published {
+                            stored: false,
+                            pause: false,
+                        });
                     }
                     key
                 }
             };
             let mut cursor = member.cursor.load(Ordering::Relaxed);
-            if cursor >= ring.first_seq {
-                let start = (cursor - ring.first_seq) as usize;
-                for entry in ring.entries.range(start..) {
-                    if member.wants(entry, cursor) {
-                        break;
-                    }
-                    cursor += 1;
+            let start = ring.position(cursor);
+            let mut caught_up = true;
+            for entry in ring.entries.range(start..) {
+                if member.wants(entry) {
+                    caught_up = false;
+                    break;
                 }
+                cursor = entry.seq + 1;
             }
-            let caught_up = cursor == ring.head();
-            let entry = Entry {
-                from: member.id,
-                live,
-                key,
-                msg,
-            };
-            self.push(&mut ring, entry);
+            self.push(&mut ring, member.id, live, key, frame);
             if caught_up {
-                cursor = ring.head();
+                cursor = ring.next_seq;
             }
             member.cursor.store(cursor, Ordering::Relaxed);
-        }
-        self.published.notify_waiters();
-        Ok(true)
+            let pause = live && ring.readers_behind(self.hub.config.queue_frames);
+            if pause && !member.wake.paused.swap(true, Ordering::AcqRel) {
+                ring.paused.push(member.wake.clone());
+            }
+            (ring.take_parked(), pause)
+        };
+        let (parked, pause) = parked;
+        wake_all(parked, |s| &s.parked);
+        Ok(Published {
+            stored: true,
+            pause,
+        })
     }
 
     /// Stores frames loaded from disk, as history, before anyone joins.
-    pub fn restore(self: &Arc<Self>, entries: impl IntoIterator<Item = (MsgKey, bool, Message)>) {
+    pub fn restore(self: &Arc<Self>, entries: impl IntoIterator<Item = (MsgKey, bool, Frame)>) {
         let mut ring = self.lock();
         let capacity = self.hub.config.seen_capacity();
-        for (key, live, msg) in entries {
+        for (key, live, frame) in entries {
             if ring.remember(&key, capacity) {
-                let config = &self.hub.config;
-                ring.bytes += msg.len();
-                ring.entries.push_back(Entry {
-                    from: 0,
-                    live,
-                    key,
-                    msg,
-                });
-                while ring.entries.len() > config.history_limit || ring.bytes > config.channel_bytes
-                {
-                    let old = ring.entries.pop_front().expect("ring is not empty");
-                    ring.bytes -= old.msg.len();
-                    ring.first_seq += 1;
-                }
+                self.push(&mut ring, RESTORED, live, key, frame);
             }
         }
-        self.head.store(ring.head(), Ordering::Release);
     }
 
     /// The last `history_limit` entries, oldest first (for persistence snapshots).
@@ -418,15 +613,15 @@ impl Channel {
         self.lock().members.len()
     }
 
+    /// How long the channel has had no clients; `None` while it has some.
+    pub fn without_clients_for(&self) -> Option<Duration> {
+        self.lock().clients_left_at.map(|at| at.elapsed())
+    }
+
     /// When the channel's lifespan (if any) ends.
     pub fn end_of_life(&self) -> Option<Instant> {
         let lifespan = self.hub.config.lifespan?;
         Some(self.lock().created + lifespan)
-    }
-
-    /// How long ago the channel last saw a frame, join or leave.
-    pub fn idle_for(&self) -> Duration {
-        self.lock().last_activity.elapsed()
     }
 
     /// Frames and bytes currently held.
@@ -444,8 +639,8 @@ pub struct Hub {
 
 impl Hub {
     /// A hub whose clients' frames originate at `server_id` (plus a boot epoch, so frames
-    /// from before a restart are told apart from new ones).
-    pub fn new(config: HubConfig, server_id: &str) -> Hub {
+    /// from before a restart are told apart from new ones), charging `budget`.
+    pub fn new(config: HubConfig, server_id: &str, budget: Arc<Budget>) -> Hub {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -457,6 +652,7 @@ impl Hub {
                 origin: Arc::from(format!("{server_id}#{epoch:x}")),
                 next_seq: AtomicU64::new(0),
                 next_member: AtomicU64::new(1),
+                budget,
                 backplane: OnceLock::new(),
                 recorder: OnceLock::new(),
             }),
@@ -486,20 +682,49 @@ impl Hub {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The channel named `name`, created empty if needed.
-    pub fn channel_or_create(&self, name: &str) -> Arc<Channel> {
+    /// The channel named `name`, created empty if needed and there is room (restoring
+    /// history from disk at start).
+    pub fn channel_or_create(&self, name: &str) -> Result<Arc<Channel>, JoinError> {
         let mut channels = self.channels();
-        channels
-            .entry(Arc::from(name))
-            .or_insert_with_key(|name| Arc::new(Channel::new(name.clone(), self.shared.clone())))
-            .clone()
+        self.admit(&mut channels, name)
+    }
+
+    /// The channel `name`, created if it does not exist yet: the one place channels are
+    /// admitted, for clients and links alike. A new channel needs room under
+    /// `--max-channels` (the least recently active channel without members makes room)
+    /// and its cost in the memory budget (history of channels without members goes first).
+    fn admit(
+        &self,
+        channels: &mut HashMap<Arc<str>, Arc<Channel>>,
+        name: &str,
+    ) -> Result<Arc<Channel>, JoinError> {
+        if let Some(chan) = channels.get(name) {
+            return Ok(chan.clone());
+        }
+        if channels.len() >= self.shared.config.max_channels {
+            self.evict_idle(channels)?;
+        }
+        let budget = &self.shared.budget;
+        let charge = match budget.try_reserve(CHANNEL_COST, Need::Growth) {
+            Some(charge) => charge,
+            None => {
+                relieve_locked(channels, CHANNEL_COST + budget.limit() / 64);
+                budget
+                    .try_reserve(CHANNEL_COST, Need::Growth)
+                    .ok_or(JoinError::OutOfMemory)?
+            }
+        };
+        let name: Arc<str> = Arc::from(name);
+        let chan = Arc::new(Channel::new(name.clone(), self.shared.clone(), charge));
+        channels.insert(name, chan.clone());
+        Ok(chan)
     }
 
     /// Waits until the backplane, if any, has brought `channel`'s shared history in, so
     /// that a client joining right after gets it. Bounded by the backplane.
     pub fn ready(&self, channel: &str) -> BoxFuture<'static, ()> {
         match self.shared.backplane.get() {
-            Some(backplane) => backplane.ready(&self.channel_or_create(channel)),
+            Some(backplane) => backplane.ready(channel),
             None => Box::pin(std::future::ready(())),
         }
     }
@@ -512,7 +737,7 @@ impl Hub {
         channel: &str,
         uid: &str,
         kind: MemberKind,
-        join_frame: Option<Message>,
+        join_frame: Option<Frame>,
     ) -> Result<Member, JoinError> {
         self.join_with(channel, uid, kind, join_frame, false)
     }
@@ -522,7 +747,7 @@ impl Hub {
         &self,
         channel: &str,
         uid: &str,
-        join_frame: Message,
+        join_frame: Frame,
         presence: bool,
     ) -> Result<Member, JoinError> {
         self.join_with(channel, uid, MemberKind::Client, Some(join_frame), presence)
@@ -533,21 +758,14 @@ impl Hub {
         channel: &str,
         uid: &str,
         kind: MemberKind,
-        join_frame: Option<Message>,
+        join_frame: Option<Frame>,
         presence: bool,
     ) -> Result<Member, JoinError> {
         let id = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
         // Holding the map lock while joining keeps the expiry sweep from removing a channel
         // between finding it and joining it.
         let mut channels = self.channels();
-        let name: Arc<str> = Arc::from(channel);
-        if !channels.contains_key(&name) && channels.len() >= self.shared.config.max_channels {
-            self.evict_idle(&mut channels)?;
-        }
-        let mut chan = channels
-            .entry(name.clone())
-            .or_insert_with(|| Arc::new(Channel::new(name.clone(), self.shared.clone())))
-            .clone();
+        let mut chan = self.admit(&mut channels, channel)?;
         if let Some(lifespan) = self.shared.config.lifespan {
             let mut old = chan.lock();
             if old.created.elapsed() >= lifespan {
@@ -556,11 +774,12 @@ impl Hub {
                 // the forget, and the new one records only after it (one queue, in order).
                 old.retired = true;
                 drop(old);
+                let name = chan.name.clone();
                 if let Some(recorder) = self.shared.recorder.get() {
                     recorder.forget(name.clone());
                 }
-                chan = Arc::new(Channel::new(name.clone(), self.shared.clone()));
-                channels.insert(name, chan.clone());
+                channels.remove(&name);
+                chan = self.admit(&mut channels, &name)?;
             }
         }
         let mut ring = chan.lock();
@@ -579,6 +798,12 @@ impl Hub {
                     return Err(JoinError::ChannelFull);
                 }
             }
+            if let Some(max) = self.shared.config.max_messages {
+                // A join frame is a frame in the channel's history like any other.
+                if join_frame.is_some() && ring.messages >= max {
+                    return Err(JoinError::MessageLimit);
+                }
+            }
             ring.notify_presence(id, &presence_notice("joined", &uid, chan.name()));
         }
         let notices = presence.then(|| {
@@ -589,6 +814,7 @@ impl Hub {
         let first_client = match kind {
             MemberKind::Client => {
                 ring.members.insert(uid.clone(), id);
+                ring.clients_left_at = None;
                 ring.members.len() == 1
             }
             MemberKind::Peer => {
@@ -596,41 +822,44 @@ impl Hub {
                 false
             }
         };
-        let history = ring.entries.len().min(self.shared.config.history_limit) as u64;
-        let join_seq = ring.head();
+        // The member's own join frame goes in first, so that whatever it makes leave the
+        // ring (an older join of the same uid, the oldest join past the quota) is not part
+        // of the history this member is about to be replayed.
+        let join_seq = ring.next_seq;
+        let mut before = ring.entries.len();
+        if let Some(frame) = join_frame {
+            if kind == MemberKind::Client {
+                ring.messages += 1;
+            }
+            let key = chan.new_key();
+            chan.push(&mut ring, id, false, key, frame);
+            before = ring.position(join_seq);
+        }
+        let history = before.min(self.shared.config.history_limit);
         // With no history to replay the member starts caught up.
-        let cursor = join_seq - history;
+        let cursor = match history {
+            0 => ring.next_seq,
+            n => ring.entries[before - n].seq,
+        };
         let member = Member {
             channel: chan.clone(),
             id,
-            uid,
+            uid: uid.clone(),
             kind,
             join_seq,
             cursor: AtomicU64::new(cursor),
             notices,
             all_join_frames: false,
+            wake: Arc::new(WakeSlot::default()),
         };
-        if let Some(frame) = join_frame {
-            let key = chan.new_key();
-            let caught_up = history == 0;
-            chan.push(
-                &mut ring,
-                Entry {
-                    from: id,
-                    live: false,
-                    key,
-                    msg: frame,
-                },
-            );
-            if caught_up {
-                member.cursor.store(ring.head(), Ordering::Relaxed);
-            }
-        }
         let watched = kind == MemberKind::Client && !ring.watchers.is_empty();
+        let parked = if watched {
+            ring.take_parked()
+        } else {
+            Vec::new()
+        };
         drop(ring);
-        if watched {
-            chan.published.notify_waiters();
-        }
+        wake_all(parked, |s| &s.parked);
         if first_client {
             if let Some(backplane) = self.shared.backplane.get() {
                 backplane.channel_active(&chan);
@@ -645,8 +874,7 @@ impl Hub {
             .iter()
             .filter_map(|(name, chan)| {
                 let ring = chan.lock();
-                (ring.members.is_empty() && ring.links.is_empty())
-                    .then(|| (ring.last_activity, name.clone()))
+                (!ring.has_members()).then(|| (ring.last_activity, name.clone()))
             })
             .min()
             .map(|(_, name)| name)
@@ -658,6 +886,13 @@ impl Hub {
         Ok(())
     }
 
+    /// Frees memory for the budget: drops the in-memory history of channels without
+    /// members, least recently active first, until about `wanted` bytes are free. (What
+    /// is on disk stays.) Returns the bytes released.
+    pub fn relieve(&self, wanted: usize) -> usize {
+        relieve_locked(&mut self.channels(), wanted)
+    }
+
     /// Removes channels that have had no members and no traffic for the expiry time.
     /// Returns the names of those removed.
     pub fn sweep_expired(&self) -> Vec<Arc<str>> {
@@ -666,9 +901,7 @@ impl Hub {
         let mut removed = Vec::new();
         self.channels().retain(|name, chan| {
             let ring = chan.lock();
-            let keep = !ring.members.is_empty()
-                || !ring.links.is_empty()
-                || now.duration_since(ring.last_activity) < expiry;
+            let keep = ring.has_members() || now.duration_since(ring.last_activity) < expiry;
             if !keep {
                 removed.push(name.clone());
             }
@@ -698,6 +931,31 @@ impl Hub {
     }
 }
 
+/// [`Hub::relieve`] with the channel map already locked.
+fn relieve_locked(channels: &mut HashMap<Arc<str>, Arc<Channel>>, wanted: usize) -> usize {
+    let mut idle: Vec<(Instant, Arc<str>, usize)> = channels
+        .iter()
+        .filter_map(|(name, chan)| {
+            let ring = chan.lock();
+            let held = ring.bytes + ring.charge.bytes();
+            (!ring.has_members()).then(|| (ring.last_activity, name.clone(), held))
+        })
+        .collect();
+    idle.sort_unstable_by_key(|(at, _, _)| *at);
+    let mut freed = 0;
+    for (_, name, held) in idle {
+        if freed >= wanted {
+            break;
+        }
+        channels.remove(&name);
+        freed += held;
+    }
+    if freed > 0 {
+        log::info!("memory budget: dropped {freed} bytes of history of channels without members");
+    }
+    freed
+}
+
 /// One connection's membership of one channel. Dropping it leaves the channel.
 pub struct Member {
     channel: Arc<Channel>,
@@ -713,6 +971,7 @@ pub struct Member {
     notices: Option<Arc<Notices>>,
     /// Also takes join frames stored after it joined (see [`Member::take_join_frames`]).
     all_join_frames: bool,
+    wake: Arc<WakeSlot>,
 }
 
 impl Member {
@@ -733,27 +992,39 @@ impl Member {
     }
 
     /// Sends a client's frame to every other member of the channel and into its history.
-    pub fn publish(&self, msg: Message) -> Result<(), MessageLimit> {
-        self.channel.publish(self, true, None, msg).map(drop)
+    pub fn publish(&self, frame: Frame) -> Result<Published, MessageLimit> {
+        self.channel.publish(self, true, None, frame)
     }
 
     /// Stores a frame relayed from another server, unless a frame with the same key is
-    /// already here (it came by another path) or it originated on this server. Returns
-    /// whether it was stored.
-    pub fn relay(&self, key: MsgKey, live: bool, msg: Message) -> bool {
-        self.channel.publish(self, live, Some(key), msg) == Ok(true)
+    /// already here (it came by another path) or it originated on this server.
+    pub fn relay(&self, key: MsgKey, live: bool, frame: Frame) -> Published {
+        self.channel
+            .publish(self, live, Some(key), frame)
+            .unwrap_or(Published {
+                stored: false,
+                pause: false,
+            })
     }
 
     /// Stores a frame relayed from a server that carries no keys (plain mles v2), unless
     /// the same content is already in the channel: the Mles rule for proxies.
-    pub fn relay_by_content(&self, msg: Message) -> bool {
+    pub fn relay_by_content(&self, frame: Frame) -> Published {
         {
             let ring = self.channel.lock();
-            if ring.entries.iter().any(|e| e.msg == msg) {
-                return false;
+            if ring.entries.iter().any(|e| e.frame == frame) {
+                return Published {
+                    stored: false,
+                    pause: false,
+                };
             }
         }
-        self.channel.publish(self, true, None, msg) == Ok(true)
+        self.channel
+            .publish(self, true, None, frame)
+            .unwrap_or(Published {
+                stored: false,
+                pause: false,
+            })
     }
 
     /// Makes this member take every join frame, also those stored after it joined: a
@@ -763,10 +1034,10 @@ impl Member {
         self.all_join_frames = true;
     }
 
-    /// Whether the entry at `seq` is delivered to this member: not its own, and live or
-    /// part of the history it joined to.
-    fn wants(&self, entry: &Entry, seq: u64) -> bool {
-        entry.from != self.id && (entry.live || seq < self.join_seq || self.all_join_frames)
+    /// Whether `entry` is delivered to this member: not its own, and live or part of the
+    /// history it joined to.
+    fn wants(&self, entry: &Entry) -> bool {
+        entry.from != self.id && (entry.live || entry.seq < self.join_seq || self.all_join_frames)
     }
 
     /// True when frames past this member's cursor are waiting.
@@ -778,53 +1049,120 @@ impl Member {
                 .is_some_and(|n| n.pending.load(Ordering::Acquire))
     }
 
-    /// Moves up to `max` pending frames for this member into `out`, in channel order.
-    /// Fails when the member fell behind what the channel keeps.
-    pub fn fetch(&self, out: &mut Vec<Message>, max: usize) -> Result<(), Lagged> {
-        if let Some(notices) = &self.notices {
-            notices.drain_into(out);
+    /// Ready when frames for this member are waiting; otherwise parks the task until the
+    /// next publish (or notice) in its channel.
+    pub fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.has_pending() {
+            return Poll::Ready(());
         }
-        self.fetch_with(max, |entry| out.push(entry.msg.clone()))
-    }
-
-    /// Like [`Member::fetch`], with each frame's key and liveness (for relaying).
-    pub fn fetch_entries(&self, out: &mut Vec<Entry>, max: usize) -> Result<(), Lagged> {
-        self.fetch_with(max, |entry| out.push(entry.clone()))
-    }
-
-    fn fetch_with(&self, max: usize, mut take: impl FnMut(&Entry)) -> Result<(), Lagged> {
-        if self.channel.head.load(Ordering::Acquire) <= self.cursor.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let ring = self.channel.lock();
-        let mut cursor = self.cursor.load(Ordering::Relaxed);
-        if cursor < ring.first_seq {
-            return Err(Lagged);
-        }
-        let start = (cursor - ring.first_seq) as usize;
-        for entry in ring.entries.range(start..).take(max) {
-            if self.wants(entry, cursor) {
-                take(entry);
+        self.wake.waker.register(cx.waker());
+        if !self.wake.parked.load(Ordering::Acquire) {
+            let mut ring = self.channel.lock();
+            // Checked again under the lock, so a publish in between is not missed.
+            if self.has_pending() {
+                return Poll::Ready(());
             }
-            cursor += 1;
+            if !self.wake.parked.swap(true, Ordering::AcqRel) {
+                ring.parked.push(self.wake.clone());
+            }
+        } else if self.has_pending() {
+            return Poll::Ready(());
         }
-        self.cursor.store(cursor, Ordering::Relaxed);
-        Ok(())
+        Poll::Pending
     }
 
     /// Waits until a frame past this member's cursor is published.
     pub async fn pending(&self) {
-        loop {
-            let notified = self.channel.published.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a publish between the check and the await
-            // still wakes us.
-            notified.as_mut().enable();
-            if self.has_pending() {
-                return;
-            }
-            notified.await;
+        std::future::poll_fn(|cx| self.poll_pending(cx)).await
+    }
+
+    /// Ready once a paused publisher may go on: the fastest reader caught up (or nobody
+    /// reads any more).
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.wake.waker.register(cx.waker());
+        let mut ring = self.channel.lock();
+        let resume = self.channel.hub.config.queue_frames / 4;
+        if ring.fastest_member == 0 || ring.next_seq - ring.fastest <= resume as u64 {
+            return Poll::Ready(());
         }
+        if !self.wake.paused.swap(true, Ordering::AcqRel) {
+            ring.paused.push(self.wake.clone());
+        }
+        Poll::Pending
+    }
+
+    /// Moves up to `max_frames` pending frames for this member (and at most about
+    /// `max_bytes`, but always at least one) into `out`, in channel order. Fails when the
+    /// member fell behind what the channel keeps.
+    pub fn fetch(
+        &self,
+        out: &mut Vec<Frame>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> Result<(), Lagged> {
+        if let Some(notices) = &self.notices {
+            notices.drain_into(out);
+        }
+        self.fetch_with(max_frames, max_bytes, |entry| out.push(entry.frame.clone()))
+    }
+
+    /// Like [`Member::fetch`], with each frame's key and liveness (for relaying).
+    pub fn fetch_entries(
+        &self,
+        out: &mut Vec<Entry>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> Result<(), Lagged> {
+        self.fetch_with(max_frames, max_bytes, |entry| out.push(entry.clone()))
+    }
+
+    fn fetch_with(
+        &self,
+        max_frames: usize,
+        max_bytes: usize,
+        mut take: impl FnMut(&Entry),
+    ) -> Result<(), Lagged> {
+        if self.channel.head.load(Ordering::Acquire) <= self.cursor.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let paused = {
+            let mut ring = self.channel.lock();
+            let mut cursor = self.cursor.load(Ordering::Relaxed);
+            if cursor < ring.lost_live_to {
+                return Err(Lagged);
+            }
+            let start = ring.position(cursor);
+            let (mut frames, mut bytes) = (0, 0);
+            let mut all = true;
+            for entry in ring.entries.range(start..) {
+                if frames >= max_frames || bytes >= max_bytes {
+                    all = false;
+                    break;
+                }
+                if self.wants(entry) {
+                    take(entry);
+                    frames += 1;
+                    bytes += entry.frame.len();
+                }
+                cursor = entry.seq + 1;
+            }
+            if all {
+                cursor = ring.next_seq;
+            }
+            self.cursor.store(cursor, Ordering::Relaxed);
+            if cursor >= ring.fastest {
+                ring.fastest = cursor;
+                ring.fastest_member = self.id;
+            }
+            let resume = (self.channel.hub.config.queue_frames / 4) as u64;
+            if !ring.paused.is_empty() && ring.next_seq - ring.fastest <= resume {
+                std::mem::take(&mut ring.paused)
+            } else {
+                Vec::new()
+            }
+        };
+        wake_all(paused, |s| &s.paused);
+        Ok(())
     }
 }
 
@@ -838,8 +1176,20 @@ impl Drop for Member {
         if names.get(&self.uid) == Some(&self.id) {
             names.remove(&self.uid);
         }
+        if self.kind == MemberKind::Client && ring.members.is_empty() {
+            ring.clients_left_at = Some(Instant::now());
+        }
         if self.notices.is_some() {
             ring.watchers.retain(|(id, _)| *id != self.id);
+        }
+        if self.wake.parked.load(Ordering::Acquire) {
+            ring.parked.retain(|slot| !Arc::ptr_eq(slot, &self.wake));
+        }
+        if self.wake.paused.load(Ordering::Acquire) {
+            ring.paused.retain(|slot| !Arc::ptr_eq(slot, &self.wake));
+        }
+        if ring.fastest_member == self.id {
+            ring.fastest_member = 0;
         }
         let watched = self.kind == MemberKind::Client && !ring.watchers.is_empty();
         if watched {
@@ -848,11 +1198,23 @@ impl Drop for Member {
                 &presence_notice("left", &self.uid, self.channel.name()),
             );
         }
-        ring.last_activity = Instant::now();
-        drop(ring);
-        if watched {
-            self.channel.published.notify_waiters();
+        if !ring.has_members() {
+            // Without members the queue slack serves nobody: keep the history only.
+            let config = &self.channel.hub.config;
+            ring.trim(config.history_limit, config.channel_bytes);
+            ring.settle_charge();
         }
+        ring.last_activity = Instant::now();
+        // Paused publishers look again: the reader that held them back may be this one.
+        let paused = std::mem::take(&mut ring.paused);
+        let parked = if watched {
+            ring.take_parked()
+        } else {
+            Vec::new()
+        };
+        drop(ring);
+        wake_all(paused, |s| &s.paused);
+        wake_all(parked, |s| &s.parked);
     }
 }
 
@@ -860,42 +1222,43 @@ impl Drop for Member {
 mod tests {
     use super::*;
 
-    fn hub(limit: usize, queue: usize, bytes: usize) -> Hub {
-        Hub::new(
-            HubConfig {
-                history_limit: limit,
-                queue_frames: queue,
-                channel_bytes: bytes,
-                history_expiry: Duration::from_secs(60),
-                max_members: None,
-                max_messages: None,
-                lifespan: None,
-                max_channels: 1000,
-            },
-            "test",
-        )
+    fn config(limit: usize, queue: usize, bytes: usize) -> HubConfig {
+        HubConfig {
+            history_limit: limit,
+            queue_frames: queue,
+            channel_bytes: bytes,
+            history_expiry: Duration::from_secs(60),
+            max_members: None,
+            max_messages: None,
+            lifespan: None,
+            max_channels: 1000,
+        }
     }
 
-    fn text(s: &str) -> Message {
-        Message::text(s)
+    fn hub(limit: usize, queue: usize, bytes: usize) -> Hub {
+        Hub::new(config(limit, queue, bytes), "test", Budget::new(1 << 30))
+    }
+
+    fn text(s: &str) -> Frame {
+        Frame::text(s)
     }
 
     fn client(hub: &Hub, channel: &str, uid: &str) -> Member {
-        hub.join(
-            channel,
-            uid,
-            MemberKind::Client,
-            Some(text(&format!("join {uid}"))),
-        )
-        .unwrap()
+        let join = serde_json::json!({"uid": uid, "channel": channel}).to_string();
+        hub.join(channel, uid, MemberKind::Client, Some(text(&join)))
+            .unwrap()
     }
 
     fn drain(m: &Member) -> Result<Vec<String>, Lagged> {
         let mut out = Vec::new();
-        m.fetch(&mut out, usize::MAX)?;
+        m.fetch(&mut out, usize::MAX, usize::MAX)?;
         Ok(out
             .into_iter()
-            .map(|m| m.into_text().unwrap().to_string())
+            .map(|m| m.as_text().unwrap().to_string())
+            .map(|t| match serde_json::from_str::<serde_json::Value>(&t) {
+                Ok(v) if v.get("uid").is_some() => format!("join {}", v["uid"].as_str().unwrap()),
+                _ => t,
+            })
             .collect())
     }
 
@@ -937,22 +1300,58 @@ mod tests {
     }
 
     #[test]
-    fn a_member_that_falls_behind_lags_and_others_go_on() {
+    fn a_link_and_a_client_of_the_same_name_do_not_collide() {
+        let hub = hub(3, 10, 1 << 20);
+        let _client = client(&hub, "c", "a");
+        let link = hub.join("c", "a", MemberKind::Peer, None).unwrap();
+        assert!(hub.channel("c").unwrap().has_link("a"));
+        drop(link);
+        assert!(hub.channel("c").unwrap().has_member("a"));
+    }
+
+    #[test]
+    fn a_member_that_falls_behind_while_others_keep_up_lags() {
         let hub = hub(2, 4, 1 << 20);
         let slow = client(&hub, "c", "slow");
         let fast = client(&hub, "c", "fast");
         let publisher = client(&hub, "c", "p");
         drain(&fast).unwrap();
         for i in 0..10 {
-            publisher.publish(text(&i.to_string())).unwrap();
+            let published = publisher.publish(text(&i.to_string())).unwrap();
+            assert!(!published.pause, "a reader keeps up: no pause");
             assert_eq!(drain(&fast).unwrap(), vec![i.to_string()]);
         }
         assert_eq!(drain(&slow), Err(Lagged));
     }
 
     #[test]
+    fn when_every_reader_is_behind_the_publisher_is_paused_instead() {
+        let hub = hub(2, 8, 1 << 20);
+        let a = client(&hub, "c", "a");
+        let b = client(&hub, "c", "b");
+        let publisher = client(&hub, "c", "p");
+        drain(&a).unwrap();
+        drain(&b).unwrap();
+        let mut paused_at = None;
+        for i in 0..8 {
+            if publisher.publish(text(&i.to_string())).unwrap().pause {
+                paused_at = Some(i);
+                break;
+            }
+        }
+        let paused_at = paused_at.expect("the publisher was paused");
+        assert!(paused_at < 8, "paused before any reader could lag");
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(publisher.poll_writable(&mut cx).is_pending());
+        // Nobody lagged; once a reader catches up the publisher may go on.
+        assert!(drain(&a).is_ok() && drain(&b).is_ok());
+        assert!(publisher.poll_writable(&mut cx).is_ready());
+    }
+
+    #[test]
     fn a_member_flooding_the_channel_does_not_lag_on_its_own_frames() {
-        let hub = hub(2, 4, 1 << 20);
+        let hub = hub(4, 4, 1 << 20);
         let other = client(&hub, "c", "other");
         let flooder = client(&hub, "c", "f");
         assert_eq!(drain(&flooder), Ok(vec!["join other".to_string()]));
@@ -964,6 +1363,55 @@ mod tests {
     }
 
     #[test]
+    fn joins_take_at_most_half_the_history_and_one_per_uid() {
+        let hub = hub(10, 100, 1 << 20);
+        let speaker = client(&hub, "c", "speaker");
+        for i in 0..10 {
+            speaker.publish(text(&format!("m{i}"))).unwrap();
+        }
+        for round in 0..2 {
+            for i in 0..50 {
+                drop(client(&hub, "c", &format!("u{i}")));
+            }
+            let _ = round;
+        }
+        let late = client(&hub, "c", "late");
+        let got = drain(&late).unwrap();
+        assert_eq!(got.len(), 10);
+        let joins: Vec<_> = got.iter().filter(|t| t.starts_with("join ")).collect();
+        // Half of the history, the late member's own join among them.
+        assert_eq!(joins.len(), 4, "{got:?}");
+        let mut unique = joins.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), joins.len(), "one join per uid: {got:?}");
+        let messages: Vec<_> = got.iter().filter(|t| !t.starts_with("join ")).collect();
+        assert_eq!(
+            messages,
+            ["m4", "m5", "m6", "m7", "m8", "m9"],
+            "messages survive: {got:?}"
+        );
+        // A member that joined first never lagged for all those joins.
+        assert!(drain(&speaker).is_ok());
+    }
+
+    #[test]
+    fn a_burst_of_joins_never_makes_early_members_lag() {
+        let hub = hub(4, 8, 1 << 20);
+        let early = client(&hub, "c", "early");
+        let mut members = Vec::new();
+        for i in 0..500 {
+            members.push(client(&hub, "c", &format!("m{i}")));
+        }
+        assert!(drain(&early).is_ok());
+        let publisher = client(&hub, "c", "p");
+        publisher.publish(text("hello")).unwrap();
+        assert_eq!(drain(&early).unwrap(), vec!["hello"]);
+        for m in &members {
+            assert_eq!(drain(m).unwrap().last().map(String::as_str), Some("hello"));
+        }
+    }
+
+    #[test]
     fn channel_bytes_bound_the_ring() {
         let hub = hub(100, 100, 10);
         let a = hub
@@ -971,14 +1419,27 @@ mod tests {
                 "c",
                 "a",
                 MemberKind::Client,
-                Some(Message::binary(vec![0u8; 4])),
+                Some(Frame::binary(vec![0u8; 4])),
             )
             .unwrap();
         for _ in 0..10 {
-            a.publish(Message::binary(vec![1u8; 4])).unwrap();
+            a.publish(Frame::binary(vec![1u8; 4])).unwrap();
         }
         let (_, bytes) = hub.channel("c").unwrap().stored();
         assert!(bytes <= 10, "ring holds {bytes} bytes");
+    }
+
+    #[test]
+    fn a_channel_without_members_keeps_only_its_history() {
+        let hub = hub(5, 100, 1 << 20);
+        let a = client(&hub, "c", "a");
+        let b = client(&hub, "c", "b");
+        for i in 0..50 {
+            a.publish(text(&i.to_string())).unwrap();
+        }
+        assert!(hub.channel("c").unwrap().stored().0 > 5);
+        drop((a, b));
+        assert_eq!(hub.channel("c").unwrap().stored().0, 5);
     }
 
     #[test]
@@ -991,19 +1452,19 @@ mod tests {
             origin: Arc::from("elsewhere#1"),
             seq: 7,
         };
-        assert!(link_a.relay(key.clone(), true, text("x")));
+        assert!(link_a.relay(key.clone(), true, text("x")).stored);
         assert!(
-            !link_b.relay(key, true, text("x")),
+            !link_b.relay(key, true, text("x")).stored,
             "second path stored it again"
         );
         let own = MsgKey {
             origin: hub.origin().clone(),
             seq: 0,
         };
-        assert!(!link_a.relay(own, true, text("echo")));
+        assert!(!link_a.relay(own, true, text("echo")).stored);
         assert_eq!(drain(&reader).unwrap(), vec!["x"]);
         let mut relayed = Vec::new();
-        link_b.fetch_entries(&mut relayed, 100).unwrap();
+        link_b.fetch_entries(&mut relayed, 100, usize::MAX).unwrap();
         // link-b gets the relayed frame (not from itself) and the reader's join frame as
         // history-only is not live for it (it joined before).
         assert_eq!(relayed.len(), 1);
@@ -1026,25 +1487,16 @@ mod tests {
         let a = client(&hub, "c", "a");
         let _b = client(&hub, "c", "b");
         assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert!(hub.channel("c").unwrap().without_clients_for().is_none());
         drop(a);
         assert_eq!(hub.channel("c").unwrap().client_count(), 1);
     }
 
     #[test]
     fn past_the_channel_cap_the_oldest_idle_channel_makes_room() {
-        let hub = Hub::new(
-            HubConfig {
-                history_limit: 5,
-                queue_frames: 5,
-                channel_bytes: 1000,
-                history_expiry: Duration::from_secs(60),
-                max_members: None,
-                max_messages: None,
-                lifespan: None,
-                max_channels: 2,
-            },
-            "t",
-        );
+        let mut c = config(5, 5, 1000);
+        c.max_channels = 2;
+        let hub = Hub::new(c, "t", Budget::new(1 << 30));
         let busy = client(&hub, "busy", "a");
         drop(client(&hub, "idle", "a"));
         let _new = client(&hub, "new", "a");
@@ -1057,29 +1509,76 @@ mod tests {
             hub.join("third", "a", MemberKind::Client, None).err(),
             Some(JoinError::TooManyChannels)
         );
+        // Links are held to the cap too.
+        assert_eq!(
+            hub.join("third", "link", MemberKind::Peer, None).err(),
+            Some(JoinError::TooManyChannels)
+        );
         drop(busy);
     }
 
     #[test]
-    fn idle_channels_expire_but_joined_ones_stay() {
-        let hub = Hub::new(
-            HubConfig {
-                history_limit: 5,
-                queue_frames: 5,
-                channel_bytes: 1000,
-                history_expiry: Duration::ZERO,
-                max_members: None,
-                max_messages: None,
-                lifespan: None,
-                max_channels: 1000,
-            },
-            "t",
+    fn near_the_budget_idle_history_goes_first_then_new_channels_are_refused() {
+        let budget = Budget::new(64 * 1024);
+        let hub = Hub::new(config(5, 5, 1 << 20), "t", budget.clone());
+        let _held = client(&hub, "held", "a");
+        drop(client(&hub, "idle", "a"));
+        // Fill the budget with something else.
+        let filler = budget.try_reserve(budget.limit() - budget.used() - 100, Need::Service);
+        assert!(filler.is_some());
+        let new = hub.join("new", "x", MemberKind::Client, None);
+        assert!(
+            hub.channel("idle").is_none(),
+            "idle history was not dropped"
         );
+        assert!(
+            hub.channel("held").is_some(),
+            "a channel with members was dropped"
+        );
+        assert!(new.is_ok(), "the memory freed made room");
+        // With nothing left to drop, a new channel is refused; members go on.
+        let _more = budget.try_reserve(budget.limit() - budget.used(), Need::Service);
+        let refused = hub.join("newer", "x", MemberKind::Client, None);
+        assert_eq!(refused.err(), Some(JoinError::OutOfMemory));
+        assert!(hub.join("held", "b", MemberKind::Client, None).is_ok());
+    }
+
+    #[test]
+    fn idle_channels_expire_but_joined_ones_stay() {
+        let mut c = config(5, 5, 1000);
+        c.history_expiry = Duration::ZERO;
+        let hub = Hub::new(c, "t", Budget::new(1 << 30));
         let kept = client(&hub, "kept", "a");
         drop(client(&hub, "gone", "a"));
         assert_eq!(hub.sweep_expired(), vec![Arc::from("gone")]);
         assert!(hub.channel("gone").is_none());
         assert_eq!(kept.channel().name(), "kept");
         assert!(hub.channel("kept").is_some());
+    }
+
+    #[test]
+    fn a_parked_member_is_woken_by_a_publish() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Waker;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let hub = hub(10, 10, 1 << 20);
+        let reader = client(&hub, "c", "r");
+        let writer = client(&hub, "c", "w");
+        drain(&reader).unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(reader.poll_pending(&mut cx).is_pending());
+        assert!(reader.poll_pending(&mut cx).is_pending(), "parks once");
+        writer.publish(text("x")).unwrap();
+        writer.publish(text("y")).unwrap();
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "one wake per parking");
+        assert!(reader.poll_pending(&mut cx).is_ready());
+        assert_eq!(drain(&reader).unwrap(), vec!["x", "y"]);
     }
 }

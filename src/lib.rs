@@ -4,8 +4,11 @@
 //! and talk to it as clients do.
 
 pub mod admin;
+pub mod budget;
 pub mod compression;
 pub mod config;
+pub mod connection;
+pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod limits;
@@ -19,7 +22,9 @@ pub mod session;
 pub mod shutdown;
 pub mod static_files;
 pub mod store;
+pub mod sweeper;
 pub mod tls;
+pub mod websocket;
 
 use std::net::SocketAddr;
 

@@ -128,32 +128,76 @@ impl Drop for IpConnection {
     }
 }
 
-/// At most `max` frames in each `window`.
+/// At most `max` frames in each `window`, on the caller's clock (milliseconds), so that
+/// counting a frame reads no clock.
 pub struct MessageRate {
     max: u32,
-    window: Duration,
-    started: Instant,
+    window_ms: u64,
+    started_ms: u64,
     count: u32,
 }
 
 impl MessageRate {
-    pub fn new(max: u32, window: Duration) -> MessageRate {
+    pub fn new(max: u32, window: Duration, now_ms: u64) -> MessageRate {
         MessageRate {
             max,
-            window,
-            started: Instant::now(),
+            window_ms: window.as_millis() as u64,
+            started_ms: now_ms,
             count: 0,
         }
     }
 
-    /// Counts a frame; false when the window's budget is spent.
-    pub fn allow(&mut self) -> bool {
-        if self.started.elapsed() >= self.window {
-            self.started = Instant::now();
+    /// Counts a frame at `now_ms`; false when the window's budget is spent.
+    pub fn allow(&mut self, now_ms: u64) -> bool {
+        if now_ms.saturating_sub(self.started_ms) >= self.window_ms {
+            self.started_ms = now_ms;
             self.count = 0;
         }
         self.count += 1;
         self.count <= self.max
+    }
+}
+
+/// A connection's place under `--max-connections`, `--per-ip-limit` and the memory budget,
+/// counted in `connections_open` while held.
+pub struct Permit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    ip_place: Mutex<Option<IpConnection>>,
+    _memory: crate::budget::Reservation,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Permit {
+    pub fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        ip_place: Option<IpConnection>,
+        memory: crate::budget::Reservation,
+        open: prometheus_client::metrics::gauge::Gauge,
+    ) -> Permit {
+        open.inc();
+        Permit {
+            _permit: permit,
+            ip_place: Mutex::new(ip_place),
+            _memory: memory,
+            open,
+        }
+    }
+
+    /// Frees the connection's place under `--per-ip-limit` (it still counts against
+    /// `--max-connections`): for an authenticated peer server, which opens one link per
+    /// channel from one address.
+    pub fn release_ip_place(&self) {
+        // Dropping the place frees it.
+        self.ip_place
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 
@@ -261,10 +305,9 @@ mod tests {
 
     #[test]
     fn the_message_window_resets() {
-        let mut rate = MessageRate::new(2, Duration::from_millis(50));
-        assert!(rate.allow() && rate.allow());
-        assert!(!rate.allow());
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(rate.allow());
+        let mut rate = MessageRate::new(2, Duration::from_millis(50), 1000);
+        assert!(rate.allow(1000) && rate.allow(1010));
+        assert!(!rate.allow(1049));
+        assert!(rate.allow(1050), "a new window");
     }
 }

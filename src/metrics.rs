@@ -40,6 +40,9 @@ pub struct Metrics {
     pub history_persist_dropped: Counter,
     pub history_corrupt_files: Counter,
     pub rate_limited: Counter,
+    budget_refusals: Family<Reason, Counter>,
+    pub memory_budget: Gauge,
+    pub memory_used: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +81,9 @@ impl Metrics {
             history_persist_dropped: Counter::default(),
             history_corrupt_files: Counter::default(),
             rate_limited: Counter::default(),
+            budget_refusals: Family::default(),
+            memory_budget: Gauge::default(),
+            memory_used: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -207,6 +213,21 @@ impl Metrics {
             "Connections closed for exceeding the message rate",
             m.rate_limited.clone(),
         );
+        r.register(
+            "memory_refusals",
+            "Things refused because the memory budget was spent, by what",
+            m.budget_refusals.clone(),
+        );
+        r.register(
+            "memory_budget_bytes",
+            "The memory budget (--max-memory)",
+            m.memory_budget.clone(),
+        );
+        r.register(
+            "memory_used_bytes",
+            "Bytes charged to the memory budget now",
+            m.memory_used.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -220,6 +241,11 @@ impl Metrics {
         self.bad_first_frames
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// Counts something refused for lack of memory (`connection`, `channel`, `frame`, ...).
+    pub fn budget_refused(&self, what: &'static str) {
+        self.budget_refusals.get_or_create(&[("what", what)]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

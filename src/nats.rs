@@ -92,8 +92,8 @@ use futures::StreamExt;
 use log::{debug, info, warn};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
 
+use crate::frame::{Frame, FrameKind};
 use crate::hub::{Backplane, Channel, Entry, Member, MemberId, MemberKind, MsgKey};
 use crate::limits::Backoff;
 use crate::server::Shared;
@@ -116,8 +116,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The link's uid in the local channel; clients' uids are printable, so no clash.
 const LINK_UID: &str = "\u{1}nats";
-/// Frames taken from the channel per lock.
+/// Frames and bytes taken from the channel per lock.
 const FETCH_BATCH: usize = 256;
+const FETCH_BYTES: usize = 1 << 20;
 /// How long a stopping link may spend publishing what is left.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest time a link may take to subscribe before it starts over.
@@ -328,7 +329,7 @@ impl Sent {
 
     /// Whether `entry`, fetched by a link, still has to be published.
     fn needs_publishing(&self, entry: &Entry) -> bool {
-        entry.from != 0 // 0: restored from disk, from an earlier life of this server
+        !entry.is_restored() // from an earlier life of this server
             && !self.link_members.contains(&entry.from)
             && self
                 .acked
@@ -515,8 +516,8 @@ impl Backplane for Arc<Nats> {
         self.start(channel.name());
     }
 
-    fn ready(&self, channel: &Arc<Channel>) -> BoxFuture<'static, ()> {
-        let link = self.start(channel.name());
+    fn ready(&self, channel: &str) -> BoxFuture<'static, ()> {
+        let link = self.start(channel);
         let mut caught_up = link.caught_up.subscribe();
         let connected = self.connected();
         Box::pin(async move {
@@ -721,7 +722,10 @@ async fn session(
     let flush = async {
         let mut entries = Vec::new();
         while member.has_pending() {
-            if member.fetch_entries(&mut entries, FETCH_BATCH).is_err() {
+            if member
+                .fetch_entries(&mut entries, FETCH_BATCH, FETCH_BYTES)
+                .is_err()
+            {
                 break;
             }
             publish_batch(nats, shared, link, &subject, &mut entries, false).await?;
@@ -776,7 +780,7 @@ async fn publish_loop(
     loop {
         member.pending().await;
         member
-            .fetch_entries(&mut entries, FETCH_BATCH)
+            .fetch_entries(&mut entries, FETCH_BATCH, FETCH_BYTES)
             .map_err(|e| e.to_string())?;
         publish_batch(nats, shared, link, subject, &mut entries, true).await?;
     }
@@ -807,7 +811,7 @@ async fn publish_batch(
                     warn!(
                         "channel {}: a frame of {} bytes is over the NATS server's max_payload; delivered here only",
                         link.name,
-                        entry.msg.len()
+                        entry.frame.len()
                     );
                     continue;
                 }
@@ -831,11 +835,11 @@ async fn publish_batch(
 
 /// A stored entry as a NATS message: its headers (`Nats-Msg-Id` included) and payload.
 fn encode(entry: &Entry) -> (HeaderMap, Bytes) {
-    let (kind, payload): (&str, Bytes) = match &entry.msg {
-        Message::Text(text) => ("text", Bytes::from(text.clone())),
-        Message::Binary(data) => ("binary", data.clone()),
-        other => ("binary", Bytes::copy_from_slice(&other.clone().into_data())),
+    let kind = match entry.frame.kind() {
+        FrameKind::Text => "text",
+        FrameKind::Binary => "binary",
     };
+    let payload = entry.frame.data().clone();
     let origin = utf8_percent_encode(&entry.key.origin, ORIGIN_ESCAPES).to_string();
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_TYPE, kind);
@@ -848,7 +852,7 @@ fn encode(entry: &Entry) -> (HeaderMap, Bytes) {
 }
 
 /// The key, liveness and frame of a NATS message published by [`encode`].
-fn decode(headers: &Option<HeaderMap>, payload: &Bytes) -> Option<(MsgKey, bool, Message)> {
+fn decode(headers: &Option<HeaderMap>, payload: &Bytes) -> Option<(MsgKey, bool, Frame)> {
     let headers = headers.as_ref()?;
     let origin = percent_decode_str(headers.get(HEADER_ORIGIN)?.as_str())
         .decode_utf8()
@@ -859,11 +863,12 @@ fn decode(headers: &Option<HeaderMap>, payload: &Bytes) -> Option<(MsgKey, bool,
         "false" => false,
         _ => return None,
     };
-    let msg = match headers.get(HEADER_TYPE)?.as_str() {
-        "text" => Message::Text(payload.clone().try_into().ok()?),
-        "binary" => Message::Binary(payload.clone()),
+    let kind = match headers.get(HEADER_TYPE)?.as_str() {
+        "text" => FrameKind::Text,
+        "binary" => FrameKind::Binary,
         _ => return None,
     };
+    let msg = Frame::new(kind, payload.clone())?;
     let key = MsgKey {
         origin: Arc::from(origin.as_ref()),
         seq,
@@ -894,31 +899,34 @@ mod tests {
     fn frames_survive_encoding_with_key_type_and_liveness() {
         let entries = [
             Entry {
+                seq: 1,
                 from: 3,
                 live: true,
                 key: MsgKey {
                     origin: Arc::from("alpha: beta#1f"),
                     seq: 42,
                 },
-                msg: Message::text("hello"),
+                frame: Frame::text("hello"),
             },
             Entry {
+                seq: 1,
                 from: 3,
                 live: false,
                 key: MsgKey {
                     origin: Arc::from("a%b"),
                     seq: 0,
                 },
-                msg: Message::text("{\"uid\":\"x\"}"),
+                frame: Frame::text("{\"uid\":\"x\"}"),
             },
             Entry {
+                seq: 1,
                 from: 3,
                 live: true,
                 key: MsgKey {
                     origin: Arc::from("a"),
                     seq: u64::MAX,
                 },
-                msg: Message::binary(vec![0u8, 255, 7]),
+                frame: Frame::binary(vec![0u8, 255, 7]),
             },
         ];
         for entry in entries {
@@ -935,7 +943,7 @@ mod tests {
             let (key, live, msg) = decode(&Some(headers), &payload).unwrap();
             assert_eq!(key, entry.key);
             assert_eq!(live, entry.live);
-            assert_eq!(msg, entry.msg);
+            assert_eq!(msg, entry.frame);
         }
         assert!(decode(&None, &Bytes::from_static(b"x")).is_none());
     }
@@ -944,13 +952,14 @@ mod tests {
     fn only_unacknowledged_local_frames_need_publishing() {
         let mut sent = Sent::default();
         let entry = |from, origin: &str, seq| Entry {
+            seq: 1,
             from,
             live: true,
             key: MsgKey {
                 origin: Arc::from(origin),
                 seq,
             },
-            msg: Message::text("x"),
+            frame: Frame::text("x"),
         };
         assert!(sent.needs_publishing(&entry(5, "here", 1)));
         assert!(!sent.needs_publishing(&entry(0, "here", 1)), "restored");

@@ -22,15 +22,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Uri};
+use hyper_util::rt::TokioIo;
 use log::{debug, info, warn};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
+use crate::connection::Connection;
+use crate::frame::Frame;
 use crate::hub::{Backplane, Channel, MemberKind};
 use crate::limits::Backoff;
 use crate::protocol::{
@@ -39,8 +39,8 @@ use crate::protocol::{
 };
 use crate::server::Shared;
 use crate::session::{self, Mode};
-use crate::shutdown;
 use crate::tls::BoxedIo;
+use crate::websocket::{self, Role};
 use crate::Error;
 
 /// How long connecting (TCP, TLS, upgrade) to a peer may take.
@@ -147,16 +147,17 @@ async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, i
     let url = &peers.config.urls[index];
     let mut shutdown = shared.shutdown.clone();
     let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_CAP);
+    let sessions = &shared.sessions;
     loop {
         if shutdown.is_shutdown() || inactive(channel, peers.config.grace) {
             return;
         }
         match connect(peers, shared, url, channel.name()).await {
-            Ok((ws, envelopes)) => {
-                let uid = format!("to {url}");
-                let member = match shared
+            Ok((mut conn, envelopes)) => {
+                let name = format!("to {url}");
+                let member = match sessions
                     .hub
-                    .join(channel.name(), &uid, MemberKind::Peer, None)
+                    .join(channel.name(), &name, MemberKind::Peer, None)
                 {
                     Ok(member) => member,
                     Err(e) => {
@@ -165,28 +166,32 @@ async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, i
                     }
                 };
                 let mode = if envelopes {
-                    Mode::PeerEnvelope
+                    Mode::Peer
                 } else {
                     Mode::PeerPlain
                 };
                 info!("link to {url} for channel {} up ({mode:?})", channel.name());
                 shared.metrics.peer_links_up.inc();
                 let started = Instant::now();
-                let (stop, link_shutdown) = shutdown::channel();
-                let serve = session::serve_member(ws, &member, shared, link_shutdown, mode);
-                tokio::pin!(serve);
+                let registration = sessions.sweeper.register();
+                registration.watch().joined(false, None);
                 let end = tokio::select! {
-                    end = &mut serve => end,
-                    _ = async {
-                        tokio::select! {
-                            _ = shutdown.recv() => {}
-                            _ = wait_inactive(channel, peers.config.grace) => {}
-                        }
-                    } => {
-                        stop.fire();
-                        serve.await
-                    }
+                    end = session::serve(&mut conn, &member, sessions, &registration, mode) => Some(end),
+                    _ = shutdown.recv() => None,
+                    _ = wait_inactive(channel, peers.config.grace) => None,
                 };
+                drop(member);
+                match &end {
+                    Some(end) => {
+                        if let Some((code, reason)) = end.close_frame() {
+                            session::closing(&mut conn, code, &reason).await;
+                        }
+                    }
+                    None => {
+                        session::closing(&mut conn, protocol::close::GOING_AWAY, "link closed")
+                            .await
+                    }
+                }
                 shared.metrics.peer_links_up.dec();
                 info!("link to {url} for channel {} down: {end:?}", channel.name());
                 if started.elapsed() > BACKOFF_CAP {
@@ -205,9 +210,12 @@ async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, i
     }
 }
 
-/// True once the channel has had no local clients for `grace`.
+/// True once the channel has had no local clients for `grace` (frames arriving over the
+/// links do not count: the remote side talking must not keep a link up).
 fn inactive(channel: &Channel, grace: Duration) -> bool {
-    channel.client_count() == 0 && channel.idle_for() >= grace
+    channel
+        .without_clients_for()
+        .is_some_and(|idle| idle >= grace)
 }
 
 async fn wait_inactive(channel: &Channel, grace: Duration) {
@@ -220,18 +228,19 @@ async fn wait_inactive(channel: &Channel, grace: Duration) {
     }
 }
 
-/// Opens the WebSocket to a peer and sends the join frame. Returns the socket and whether
-/// the peer speaks envelopes.
+/// Opens the WebSocket to a peer and sends the join frame. Returns the connection and
+/// whether the peer speaks envelopes (it proved the peer key).
 async fn connect(
     peers: &Peers,
     shared: &Shared,
     url: &Uri,
     channel: &str,
-) -> Result<(WebSocketStream<BoxedIo>, bool), String> {
+) -> Result<(Connection<BoxedIo>, bool), String> {
     let link_nonce = protocol::peer_nonce();
     let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
     let tls = url.scheme_str() == Some("wss");
     let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let key = websocket::client_key();
     let connecting = async {
         let tcp = TcpStream::connect((host, port))
             .await
@@ -249,31 +258,56 @@ async fn connect(
         } else {
             Box::pin(tcp)
         };
-        let mut request = url
-            .to_string()
-            .into_client_request()
-            .map_err(|e| e.to_string())?;
-        let headers = request.headers_mut();
-        headers.insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
-        headers.insert(PEER_HEADER, HeaderValue::from_static(PEER_VERSION));
-        headers.insert(
-            PEER_NONCE_HEADER,
-            HeaderValue::from_str(&link_nonce).map_err(|e| e.to_string())?,
-        );
-        let ws_config = shared.config.session.websocket_config();
-        tokio_tungstenite::client_async_with_config(request, io, Some(ws_config))
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let driver = tokio::spawn(connection.with_upgrades());
+        let authority = url.authority().map_or(host, |a| a.as_str());
+        let path = url.path_and_query().map_or("/", |p| p.as_str());
+        let request = http::Request::get(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::UPGRADE, "websocket")
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::SEC_WEBSOCKET_KEY, &key)
+            .header(http::header::SEC_WEBSOCKET_VERSION, "13")
+            .header(http::header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL)
+            .header(PEER_HEADER, PEER_VERSION)
+            .header(PEER_NONCE_HEADER, &link_nonce)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(format!("upgrade refused: {}", response.status()));
+        }
+        let accept = response
+            .headers()
+            .get(http::header::SEC_WEBSOCKET_ACCEPT)
+            .map(HeaderValue::as_bytes);
+        if accept != Some(websocket::accept_key(key.as_bytes()).as_bytes()) {
+            return Err("upgrade answered with a wrong accept key".into());
+        }
+        let headers = response.headers().clone();
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = driver.await;
+        let (io, leftover) = match upgraded.downcast::<TokioIo<BoxedIo>>() {
+            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+            Err(upgraded) => {
+                let io: BoxedIo = Box::pin(TokioIo::new(upgraded));
+                (io, bytes::Bytes::new())
+            }
+        };
+        Ok::<_, String>((io, leftover, headers))
     };
-    let (mut ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+    let (io, leftover, headers) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| "connect timed out".to_string())??;
     let header = |name| {
-        response
-            .headers()
+        headers
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
@@ -299,10 +333,15 @@ async fn connect(
         }
         _ => false,
     };
-    futures::SinkExt::send(&mut ws, Message::text(join.to_string()))
+    let max = shared.config.session.max_message_size;
+    let mut conn = Connection::new(io, Role::Client, max, leftover);
+    conn.queue_frame(&Frame::text(join.to_string()));
+    let write = std::future::poll_fn(|cx| conn.poll_write(cx));
+    tokio::time::timeout(CONNECT_TIMEOUT, write)
         .await
+        .map_err(|_| "join frame not sent in time".to_string())?
         .map_err(|e| e.to_string())?;
-    Ok((ws, envelopes))
+    Ok((conn, envelopes))
 }
 
 #[cfg(test)]

@@ -297,6 +297,13 @@ pub fn valid_peer_nonce(nonce: &str) -> bool {
 
 const ENVELOPE_MAGIC: &[u8; 4] = b"MLP1";
 
+/// Longest origin an envelope carries (a server id of at most [`MAX_SERVER_ID`] characters,
+/// `#` and its boot epoch always fit).
+pub const MAX_ORIGIN: usize = 255;
+
+/// Longest `--server-id`.
+pub const MAX_SERVER_ID: usize = 200;
+
 /// What an envelope carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvelopeKind {
@@ -322,14 +329,21 @@ pub struct Envelope<'a> {
 pub struct BadEnvelope;
 
 impl Envelope<'_> {
-    pub fn encode(&self) -> Vec<u8> {
-        let origin = &self.origin.as_bytes()[..self.origin.len().min(255)];
-        let mut out = Vec::with_capacity(4 + 2 + origin.len() + 8 + self.payload.len());
+    /// The envelope's bytes before its payload: a link writes them, then the payload as it
+    /// is stored, without copying it.
+    pub fn prefix(&self) -> Vec<u8> {
+        let origin = &self.origin.as_bytes()[..self.origin.len().min(MAX_ORIGIN)];
+        let mut out = Vec::with_capacity(4 + 2 + origin.len() + 8);
         out.extend_from_slice(ENVELOPE_MAGIC);
         out.push(self.kind as u8);
         out.push(origin.len() as u8);
         out.extend_from_slice(origin);
         out.extend_from_slice(&self.seq.to_be_bytes());
+        out
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.prefix();
         out.extend_from_slice(self.payload);
         out
     }

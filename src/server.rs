@@ -13,26 +13,40 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, error, info, warn};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::budget::{Budget, Need};
 use crate::config::Config;
 use crate::http::{self, Handler};
 use crate::hub::{Hub, Recorder};
-use crate::limits::{IpConnection, IpConnections, IpRateLimiter};
+use crate::limits::{IpConnections, IpRateLimiter, Permit};
 use crate::metrics::Metrics;
+use crate::session::Sessions;
 use crate::shutdown::{self, Shutdown, Trigger};
+use crate::sweeper::Sweeper;
 use crate::tls::{self, Acceptor};
 use crate::Error;
 
 /// How long shutdown waits for connections to close before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Memory charged to the budget for each open connection: its task, socket, protocol state
+/// and the buffers below it (hyper's request buffer before an upgrade; with TLS, the
+/// record buffers rustls keeps each way).
+pub const CONNECTION_COST: usize = 16 * 1024;
+pub const TLS_CONNECTION_COST: usize = 48 * 1024;
+
+/// Largest HTTP request head read before a request is refused.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
 /// State every connection shares.
 pub struct Shared {
     pub config: Config,
-    pub hub: Hub,
-    pub metrics: Metrics,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub budget: Arc<Budget>,
+    pub sessions: Arc<Sessions>,
     pub shutdown: Shutdown,
     /// Compressed static files.
     pub static_cache: crate::compression::StaticCache,
@@ -89,9 +103,20 @@ impl Shared {
             refuse("max_connections", "connection limit reached");
             return None;
         };
+        let cost = if self.acceptor.is_tls() {
+            TLS_CONNECTION_COST
+        } else {
+            CONNECTION_COST
+        };
+        let Some(memory) = self.budget.try_reserve(cost, Need::Growth) else {
+            refuse("memory", "memory budget reached");
+            self.metrics.budget_refused("connection");
+            return None;
+        };
         Some(Permit::new(
             permit,
             ip_place,
+            memory,
             self.metrics.connections_open.clone(),
         ))
     }
@@ -102,6 +127,8 @@ impl Shared {
         self.metrics.channels.set(channels as i64);
         self.metrics.history_frames.set(frames as i64);
         self.metrics.history_bytes.set(bytes as i64);
+        self.metrics.memory_budget.set(self.budget.limit() as i64);
+        self.metrics.memory_used.set(self.budget.used() as i64);
     }
 
     /// Re-reads the --cert/--key files for new handshakes (what SIGHUP does); connections
@@ -155,9 +182,24 @@ impl Server {
         };
         let (trigger, shutdown) = shutdown::channel();
         let connections = Arc::new(Semaphore::new(config.max_connections));
-        let hub = Hub::new(config.hub.clone(), &config.server_id);
+        let budget = Budget::new(config.max_memory);
+        let hub = Arc::new(Hub::new(
+            config.hub.clone(),
+            &config.server_id,
+            budget.clone(),
+        ));
         let (ip_rate, per_ip_limit) = (config.ip_rate, config.per_ip_limit);
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
+        let sweeper = Sweeper::new(config.session.deadlines());
+        let sessions = Arc::new(Sessions {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            budget: budget.clone(),
+            sweeper,
+            config: config.session.clone(),
+            key: config.key.clone(),
+            peer_key: config.peer_key.clone(),
+        });
         let store = match &config.cache {
             Some(cache) => {
                 let store = crate::store::Store::open(cache, &hub, &metrics)?;
@@ -169,6 +211,8 @@ impl Server {
         let shared = Arc::new(Shared {
             hub,
             metrics,
+            budget,
+            sessions,
             store,
             static_cache: crate::compression::StaticCache::new(config.static_cache_bytes),
             config,
@@ -245,6 +289,8 @@ impl Server {
         // Installed before anything is served, so a SIGHUP never meets the default action.
         let reloader = reload_on_hangup(shared.clone())?;
         let sweeper = tokio::spawn(sweep_expired(shared.clone()));
+        let session_sweeper =
+            tokio::spawn(shared.sessions.sweeper.clone().run(shared.shutdown.clone()));
         let metrics_server = match metrics_listener {
             Some(l) => {
                 info!("serving /metrics on {}", l.local_addr().map_err(Error::Io)?);
@@ -292,6 +338,7 @@ impl Server {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!("shutdown grace period over with connections still open"),
         }
+        session_sweeper.abort();
         if let Some(store) = &shared.store {
             if tokio::time::timeout(SHUTDOWN_GRACE, store.sync())
                 .await
@@ -376,19 +423,13 @@ async fn serve_connection(
         let permit = permit.clone();
         service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(http::PeerAddr(peer));
-            http::dispatch(
-                req,
-                handler.clone(),
-                shared.clone(),
-                permit.clone(),
-                shared.shutdown.clone(),
-            )
+            http::dispatch(req, handler.clone(), shared.clone(), permit.clone())
         })
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -400,46 +441,6 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
-    }
-}
-
-/// A connection's place under `--max-connections` and `--per-ip-limit`, counted in
-/// `connections_open` while held.
-pub struct Permit {
-    _permit: OwnedSemaphorePermit,
-    ip_place: std::sync::Mutex<Option<IpConnection>>,
-    open: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Permit {
-    fn new(
-        permit: OwnedSemaphorePermit,
-        ip_place: Option<IpConnection>,
-        open: prometheus_client::metrics::gauge::Gauge,
-    ) -> Permit {
-        open.inc();
-        Permit {
-            _permit: permit,
-            ip_place: std::sync::Mutex::new(ip_place),
-            open,
-        }
-    }
-
-    /// Frees the connection's place under `--per-ip-limit` (it still counts against
-    /// `--max-connections`): for an authenticated peer server, which opens one link per
-    /// channel from one address.
-    pub fn release_ip_place(&self) {
-        // Dropping the place frees it.
-        self.ip_place
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.open.dec();
     }
 }
 

@@ -1,30 +1,38 @@
-//! One WebSocket client's life after the upgrade: its join frame under a timeout, then one
-//! task that reads its frames into the hub and writes its channel's frames out, pings it
-//! when quiet, and closes it with a code that says why.
+//! One WebSocket's life after the upgrade: its join frame, then one task that reads its
+//! frames into the hub and writes its channel's frames out, and closes it with a code
+//! that says why.
 //!
-//! Reading and writing run concurrently inside the one task, so a client that does not
-//! read never stops the server from reading it (two peered servers writing to each other
-//! cannot deadlock), and a client that does not write never delays its deliveries.
+//! Reading and writing are driven by one hand-written poll loop over the one socket
+//! ([`Connection`]): a client that does not read never stops the server from reading it
+//! (two peered servers writing to each other cannot deadlock), and a client that does not
+//! write never delays its deliveries. The session owns no timer: its deadlines are numbers
+//! in its [`Watch`], which the [`Sweeper`](crate::sweeper::Sweeper) checks for everyone.
+//!
+//! Overload: when every reader of the channel is far behind, the hub tells the publisher
+//! to pause, and its session stops reading its socket until the readers catch up (or the
+//! write timeout passes), so TCP slows the publisher down. When the memory budget is
+//! spent, a member's ordinary frame waits for memory in the same way (for at most the
+//! write timeout); only a large frame is refused.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
-use log::{debug, info, warn};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use log::{debug, info};
 
-use crate::hub::{Entry, Member, MemberKind, MsgKey};
-use crate::limits::MessageRate;
-use crate::protocol::{self, close, Envelope, EnvelopeKind};
-use crate::server::Shared;
-use crate::shutdown::Shutdown;
+use crate::budget::{Budget, Need, Reservation};
+use crate::connection::{Connection, Event, Flow, ReadError, ReadStop};
+use crate::frame::{Frame, FrameKind};
+use crate::hub::{Entry, Hub, JoinError, Member, MemberKind, MsgKey};
+use crate::limits::{MessageRate, Permit};
+use crate::metrics::Metrics;
+use crate::protocol::{self, close, Envelope, EnvelopeKind, PeerKey, PeerRole};
+use crate::sweeper::{self, Expiry, Registration, Sweeper};
+use crate::tls::BoxedIo;
+use crate::websocket::{self, Opcode, ProtocolError, Role};
 
 /// Per-connection limits and timers.
 #[derive(Clone, Debug)]
@@ -42,27 +50,48 @@ pub struct SessionConfig {
     pub max_age: Option<Duration>,
 }
 
-/// Frames taken from the channel per lock; bounds the time the lock is held.
-const FETCH_BATCH: usize = 256;
-
-/// Bytes buffered before tungstenite writes to the socket on its own; the writer flushes
-/// explicitly whenever the channel has nothing more for it, so this only caps a burst.
-const WRITE_BUFFER: usize = 64 * 1024;
-
-/// Read buffer per socket. Small, because idle connections are the common case and a
-/// large frame grows the buffer only while it is being read.
-const READ_BUFFER: usize = 2 * 1024;
-
 impl SessionConfig {
-    /// The tungstenite limits for a server-side socket.
-    pub fn websocket_config(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(WRITE_BUFFER)
-            .max_write_buffer_size(WRITE_BUFFER + self.max_message_size + 16)
-            .max_message_size(Some(self.max_message_size))
-            .max_frame_size(Some(self.max_message_size))
+    /// The deadlines the sweeper enforces for sessions.
+    pub fn deadlines(&self) -> sweeper::Deadlines {
+        sweeper::Deadlines {
+            first_frame: self.first_frame_timeout,
+            ping_interval: self.ping_interval,
+            missed_pongs: self.missed_pongs,
+            write_timeout: self.write_timeout,
+            idle: self.idle_timeout,
+            max_age: self.max_age,
+        }
     }
+}
+
+/// Frames taken from the channel per lock; bounds the time the lock is held.
+pub const FETCH_FRAMES: usize = 256;
+
+/// Bytes taken from the channel per batch: a member's write queue holds at most about this
+/// much (plus one frame) beyond what the ring holds anyway.
+pub const FETCH_BYTES: usize = 64 * 1024;
+
+/// Frames larger than this are growth, not service, for the memory budget: refused rather
+/// than waited for when memory is short.
+const LARGE_FRAME: usize = 64 * 1024;
+
+/// Memory charged per received frame beyond its payload (its shared buffer's header).
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// How long the closing handshake may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything sessions share; built once by the server.
+pub struct Sessions {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub budget: Arc<Budget>,
+    pub sweeper: Arc<Sweeper>,
+    pub config: SessionConfig,
+    /// `MLES_KEY`: the clients' auth key.
+    pub key: Option<String>,
+    /// `MLES_PEER_KEY`: what peer links prove.
+    pub peer_key: Option<PeerKey>,
 }
 
 /// What a connection that asked to be a peer link must prove in its join frame: the
@@ -78,162 +107,55 @@ pub struct PeerChallenge {
 pub enum Mode {
     /// An Mles client: bare frames.
     Client,
-    /// A server of this kind: every frame in an envelope carrying its key.
-    PeerEnvelope,
-    /// A plain mles v2 server linked as a client: bare frames, de-duplicated by content.
+    /// A server of this kind that proved the peer key: every frame in an envelope.
+    Peer,
+    /// A plain mles v2 server this server linked to as a client: bare frames, de-duplicated
+    /// by content.
     PeerPlain,
 }
 
 /// How a session ended; decides the close frame sent.
 #[derive(Debug)]
 pub enum End {
-    ClientClosed,
+    ClientClosed(Option<u16>),
     Disconnected,
-    Shutdown,
-    TooBig,
-    SlowConsumer(&'static str),
-    Unresponsive,
+    Expired(Expiry),
+    SlowConsumer,
     BadEnvelope,
     RateLimited,
     ChannelLimit,
-    ChannelLifespan,
-    Idle,
-    MaxAge,
-    Error(WsError),
+    OutOfMemory,
+    Protocol(ProtocolError),
+    Io(std::io::Error),
 }
 
 impl End {
-    fn close_frame(&self) -> Option<(u16, &'static str)> {
-        match self {
-            End::Shutdown => Some((close::GOING_AWAY, "server shutting down")),
-            End::TooBig => Some((close::TOO_BIG, "message too big")),
-            End::SlowConsumer(why) => Some((close::TRY_AGAIN_LATER, why)),
-            End::Unresponsive => Some((close::POLICY, "no answer to pings")),
-            End::BadEnvelope => Some((close::POLICY, "malformed peer envelope")),
-            End::RateLimited => Some((close::POLICY, "message rate limit exceeded")),
-            End::ChannelLimit => Some((close::POLICY, "channel message limit reached")),
-            End::ChannelLifespan => Some((close::POLICY, "channel lifespan over")),
-            End::Idle => Some((close::GOING_AWAY, "idle timeout")),
-            End::MaxAge => Some((close::GOING_AWAY, "maximum connection age reached")),
-            End::ClientClosed | End::Disconnected | End::Error(_) => None,
-        }
+    /// The close frame this end sends, if any.
+    pub fn close_frame(&self) -> Option<(u16, String)> {
+        let (code, reason) = match self {
+            End::Expired(Expiry::Shutdown) => (close::GOING_AWAY, "server shutting down"),
+            End::Expired(Expiry::Idle) => (close::GOING_AWAY, "idle timeout"),
+            End::Expired(Expiry::MaxAge) => (close::GOING_AWAY, "maximum connection age reached"),
+            End::Expired(Expiry::Unresponsive) => (close::POLICY, "no answer to pings"),
+            End::Expired(Expiry::ChannelLifespan) => (close::POLICY, "channel lifespan over"),
+            End::Expired(Expiry::JoinTimeout) => (close::POLICY, "join frame timeout"),
+            End::Expired(Expiry::WriteStalled) => {
+                (close::TRY_AGAIN_LATER, "too slow: write stalled")
+            }
+            End::SlowConsumer => (close::TRY_AGAIN_LATER, "too slow: fell behind the channel"),
+            End::BadEnvelope => (close::POLICY, "malformed peer envelope"),
+            End::RateLimited => (close::POLICY, "message rate limit exceeded"),
+            End::ChannelLimit => (close::POLICY, "channel message limit reached"),
+            End::OutOfMemory => (close::TRY_AGAIN_LATER, "server memory budget reached"),
+            End::Protocol(ProtocolError::TooBig) => (close::TOO_BIG, "message too big"),
+            End::Protocol(e) => return Some((e.close_code(), e.to_string())),
+            End::ClientClosed(_) | End::Disconnected | End::Io(_) => return None,
+        };
+        Some((code, reason.to_string()))
     }
 }
 
-/// Runs one upgraded connection until it ends. `challenge` is set when the client asked
-/// to be a peer link of a server of this kind: it is one only if its join frame proves the
-/// peer key, and is refused otherwise. `permit` is the connection's place under the
-/// connection limits.
-pub async fn run<S>(
-    mut ws: WebSocketStream<S>,
-    shared: Arc<Shared>,
-    mut shutdown: Shutdown,
-    challenge: Option<PeerChallenge>,
-    permit: &crate::server::Permit,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let config = &shared.config.session;
-    let join = tokio::select! {
-        join = tokio::time::timeout(config.first_frame_timeout, first_frame(&mut ws)) => join,
-        _ = shutdown.recv() => {
-            send_close(&mut ws, close::GOING_AWAY, "server shutting down").await;
-            return;
-        }
-    };
-    let join = match join {
-        Err(_elapsed) => Err(Refusal::new("timeout", "join frame timeout")),
-        Ok(Ok(Some(join))) => Ok(join),
-        Ok(Ok(None)) => return,
-        Ok(Err(refusal)) => Err(refusal),
-    };
-    let join = join.and_then(|join| {
-        match (&challenge, &shared.config.peer_key) {
-            (Some(challenge), Some(key)) => {
-                let proof = join.peer_proof.as_deref().unwrap_or_default();
-                let names = [join.uid.as_str(), join.channel.as_str()];
-                let (link, server) = (&challenge.link_nonce, &challenge.server_nonce);
-                if !key.verify(protocol::PeerRole::Link, link, server, &names, proof) {
-                    shared.metrics.auth_failures.inc();
-                    return Err(Refusal::new("peer_auth", "peer authentication failed"));
-                }
-            }
-            _ => protocol::verify_auth(&join, shared.config.key.as_deref()).map_err(|e| {
-                shared.metrics.auth_failures.inc();
-                Refusal::new("auth", e.to_string())
-            })?,
-        }
-        Ok(join)
-    });
-    let peer = challenge.is_some();
-    let join = match join {
-        Ok(join) => join,
-        Err(refusal) => {
-            debug!("refused join: {}", refusal.reason);
-            shared.metrics.bad_first_frame(refusal.metric);
-            send_close(&mut ws, refusal.code, &refusal.reason).await;
-            return;
-        }
-    };
-    // A peer server opens a link per channel from one address; having proved the peer
-    // key, its links are not held to the per-address limit.
-    if peer {
-        permit.release_ip_place();
-    }
-    // A backplane with shared history (NATS) brings it into the channel first, so a
-    // client joining here gets the cluster's history too. The backplane bounds the wait.
-    if !peer {
-        tokio::select! {
-            _ = shared.hub.ready(&join.channel) => {}
-            _ = shutdown.recv() => {
-                send_close(&mut ws, close::GOING_AWAY, "server shutting down").await;
-                return;
-            }
-        }
-    }
-    // A peer link's join is plumbing, not a person: it stays out of history, and it lives
-    // in the links' namespace, where no client uid can collide with it.
-    let (mode, joined) = if peer {
-        let name = format!("from {}", join.uid);
-        let joined = shared
-            .hub
-            .join(&join.channel, &name, MemberKind::Peer, None);
-        (Mode::PeerEnvelope, joined)
-    } else {
-        let frame = Message::text(join.history_frame.clone());
-        let joined = shared
-            .hub
-            .join_client(&join.channel, &join.uid, frame, join.presence);
-        (Mode::Client, joined)
-    };
-    let member = match joined {
-        Ok(member) => member,
-        Err(e) => {
-            use crate::hub::JoinError;
-            let (metric, code) = match e {
-                JoinError::DuplicateUid => ("duplicate_uid", close::POLICY),
-                JoinError::ChannelFull => ("channel_full", close::POLICY),
-                JoinError::TooManyChannels => ("too_many_channels", close::TRY_AGAIN_LATER),
-            };
-            shared.metrics.bad_first_frame(metric);
-            send_close(&mut ws, code, &e.to_string()).await;
-            return;
-        }
-    };
-    shared.metrics.joins.inc();
-    debug!("{} joined {}", join.uid, join.channel);
-    let end = serve_member(ws, &member, &shared, shutdown, mode).await;
-    match &end {
-        End::SlowConsumer(_) => {
-            shared.metrics.slow_consumers.inc();
-            info!("{} on {}: disconnected, {:?}", join.uid, join.channel, end);
-        }
-        End::Error(e) => debug!("{} on {}: {e}", join.uid, join.channel),
-        _ => debug!("{} on {}: {:?}", join.uid, join.channel, end),
-    }
-}
-
-/// A join frame refused: close code, reason for the client, label for the metric.
+/// A join refused: close code, reason for the client, label for the metric.
 struct Refusal {
     code: u16,
     reason: String,
@@ -250,381 +172,619 @@ impl Refusal {
     }
 }
 
-/// Reads the join frame. `Ok(None)` when the client went away first.
-async fn first_frame<S>(ws: &mut WebSocketStream<S>) -> Result<Option<protocol::Join>, Refusal>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        return match ws.next().await {
-            None | Some(Ok(Message::Close(_))) => Ok(None),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Text(text))) => protocol::parse_join(&text)
-                .map(Some)
-                .map_err(|e| Refusal::new("malformed", e.to_string())),
-            Some(Ok(_)) => Err(Refusal::new(
-                "not_text",
-                protocol::JoinError::NotText.to_string(),
-            )),
-            Some(Err(WsError::Capacity(_))) => Err(Refusal {
-                code: close::TOO_BIG,
-                reason: "message too big".into(),
-                metric: "too_big",
-            }),
-            Some(Err(e)) => {
+/// Runs one upgraded connection until it ends. `leftover` are bytes read past the upgrade
+/// request. `challenge` is set when the client asked to be a peer link of a server of this
+/// kind: it is one only if its join frame proves the peer key, and is refused otherwise.
+/// `permit` is the connection's place under the connection limits.
+pub async fn run(
+    io: BoxedIo,
+    leftover: Bytes,
+    sessions: Arc<Sessions>,
+    challenge: Option<PeerChallenge>,
+    permit: Arc<Permit>,
+    addr: Option<SocketAddr>,
+) {
+    let registration = sessions.sweeper.register();
+    let config = &sessions.config;
+    let mut conn = Connection::new(io, Role::Server, config.max_message_size, leftover);
+    let who = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
+    let join = match read_join(&mut conn, &registration, &sessions).await {
+        Ok(Some(join)) => join,
+        Ok(None) => return,
+        Err(refusal) => {
+            debug!("{who}: refused join: {}", refusal.reason);
+            sessions.metrics.bad_first_frame(refusal.metric);
+            closing(&mut conn, refusal.code, &refusal.reason).await;
+            return;
+        }
+    };
+    let refused = match (&challenge, &sessions.peer_key) {
+        (Some(challenge), Some(key)) => {
+            let proof = join.peer_proof.as_deref().unwrap_or_default();
+            let names = [join.uid.as_str(), join.channel.as_str()];
+            let (link, server) = (&challenge.link_nonce, &challenge.server_nonce);
+            (!key.verify(PeerRole::Link, link, server, &names, proof))
+                .then(|| Refusal::new("peer_auth", "peer authentication failed"))
+        }
+        _ => protocol::verify_auth(&join, sessions.key.as_deref())
+            .err()
+            .map(|e| Refusal::new("auth", e.to_string())),
+    };
+    if let Some(refusal) = refused {
+        sessions.metrics.auth_failures.inc();
+        sessions.metrics.bad_first_frame(refusal.metric);
+        debug!("{who}: refused join: {}", refusal.reason);
+        closing(&mut conn, refusal.code, &refusal.reason).await;
+        return;
+    }
+    let peer = challenge.is_some();
+    // A peer server opens a link per channel from one address; having proved the peer
+    // key, its links are not held to the per-address limit.
+    if peer {
+        permit.release_ip_place();
+    }
+    // A backplane with shared history (NATS) brings it into the channel first, so a
+    // client joining here gets the cluster's history too. The backplane bounds the wait.
+    if !peer {
+        let ready = sessions.hub.ready(&join.channel);
+        if let Some(expiry) = until_expired(ready, &registration).await {
+            let end = End::Expired(expiry);
+            if let Some((code, reason)) = end.close_frame() {
+                closing(&mut conn, code, &reason).await;
+            }
+            return;
+        }
+    }
+    // A peer link's join is plumbing, not a person: it stays out of history, and it lives
+    // in the links' namespace, where no client uid can collide with it.
+    let (mode, joined) = if peer {
+        let name = format!("from {}", join.uid);
+        let joined = sessions
+            .hub
+            .join(&join.channel, &name, MemberKind::Peer, None);
+        (Mode::Peer, joined)
+    } else {
+        let frame = Frame::text(join.history_frame.clone());
+        let joined = sessions
+            .hub
+            .join_client(&join.channel, &join.uid, frame, join.presence);
+        (Mode::Client, joined)
+    };
+    let member = match joined {
+        Ok(member) => member,
+        Err(e) => {
+            let (metric, code) = match e {
+                JoinError::DuplicateUid => ("duplicate_uid", close::POLICY),
+                JoinError::ChannelFull => ("channel_full", close::POLICY),
+                JoinError::TooManyChannels => ("too_many_channels", close::TRY_AGAIN_LATER),
+                JoinError::OutOfMemory => ("out_of_memory", close::TRY_AGAIN_LATER),
+                JoinError::MessageLimit => ("message_limit", close::POLICY),
+            };
+            sessions.metrics.bad_first_frame(metric);
+            debug!("{who}: refused join: {e}");
+            closing(&mut conn, code, &e.to_string()).await;
+            return;
+        }
+    };
+    sessions.metrics.joins.inc();
+    registration
+        .watch()
+        .joined(mode == Mode::Client, member.channel().end_of_life());
+    debug!("{} joined {}", join.uid, join.channel);
+    let end = serve(&mut conn, &member, &sessions, &registration, mode).await;
+    drop(member);
+    match &end {
+        End::SlowConsumer | End::Expired(Expiry::WriteStalled) => {
+            sessions.metrics.slow_consumers.inc();
+            info!(
+                "{} on {} ({who}): disconnected, {:?}",
+                join.uid, join.channel, end
+            );
+        }
+        End::RateLimited => {
+            sessions.metrics.rate_limited.inc();
+        }
+        End::Protocol(ProtocolError::TooBig) => {
+            sessions.metrics.oversize_messages.inc();
+        }
+        End::OutOfMemory => sessions.metrics.budget_refused("frame"),
+        _ => debug!("{} on {}: {:?}", join.uid, join.channel, end),
+    }
+    match end.close_frame() {
+        Some((code, reason)) => closing(&mut conn, code, &reason).await,
+        None if matches!(end, End::ClientClosed(_)) => {
+            // Answer the client's close, then let it close the TCP connection.
+            let code = match end {
+                End::ClientClosed(Some(code)) => code,
+                _ => 1000,
+            };
+            closing(&mut conn, code, "").await;
+        }
+        None => {}
+    }
+}
+
+/// Waits for `future`, unless the sweeper ends the session first (shutdown, timeouts).
+async fn until_expired<T>(
+    future: BoxFuture<'static, T>,
+    registration: &Registration,
+) -> Option<Expiry> {
+    let mut future = future;
+    std::future::poll_fn(|cx| {
+        let watch = registration.watch();
+        watch.register(cx.waker());
+        if let Some(expiry) = watch.take_signals().expired {
+            return Poll::Ready(Some(expiry));
+        }
+        future.as_mut().poll(cx).map(|_| None)
+    })
+    .await
+}
+
+/// Reads the join frame (answering pings meanwhile). `Ok(None)` when the client went
+/// away first.
+async fn read_join(
+    conn: &mut Connection<BoxedIo>,
+    registration: &Registration,
+    sessions: &Sessions,
+) -> Result<Option<protocol::Join>, Refusal> {
+    let mut first: Option<Frame> = None;
+    let mut closed = false;
+    let result = std::future::poll_fn(|cx| loop {
+        let watch = registration.watch();
+        watch.register(cx.waker());
+        if let Some(expiry) = watch.take_signals().expired {
+            let refusal = match expiry {
+                Expiry::Shutdown => Refusal {
+                    code: close::GOING_AWAY,
+                    reason: "server shutting down".into(),
+                    metric: "shutdown",
+                },
+                _ => Refusal::new("timeout", "join frame timeout"),
+            };
+            return Poll::Ready(Err(refusal));
+        }
+        let _ = conn.poll_write(cx);
+        let step = conn.poll_read(cx, |event| match event {
+            Event::Message(frame) => {
+                first = Some(frame);
+                Flow::Stop
+            }
+            // Pings before the join frame go unanswered: there is nothing to keep alive yet.
+            Event::Ping(_) | Event::Pong => Flow::Continue,
+            Event::Close(_) => {
+                closed = true;
+                Flow::Stop
+            }
+        });
+        match step {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(ReadStop::Stopped)) => {
+                if closed {
+                    return Poll::Ready(Ok(None));
+                }
+                let Some(frame) = first.take() else { continue };
+                let join = match frame.kind() {
+                    FrameKind::Text => protocol::parse_join(frame.as_text().unwrap_or_default())
+                        .map(Some)
+                        .map_err(|e| Refusal::new("malformed", e.to_string())),
+                    FrameKind::Binary => Err(Refusal::new(
+                        "not_text",
+                        protocol::JoinError::NotText.to_string(),
+                    )),
+                };
+                return Poll::Ready(join);
+            }
+            Poll::Ready(Ok(ReadStop::NeedMemory(n))) => {
+                if n > protocol::MAX_JOIN_FRAME {
+                    // Never allocated: a join frame is short.
+                    return Poll::Ready(Err(if n > sessions.config.max_message_size {
+                        Refusal {
+                            code: close::TOO_BIG,
+                            reason: "message too big".into(),
+                            metric: "too_big",
+                        }
+                    } else {
+                        Refusal::new("malformed", protocol::JoinError::TooLong.to_string())
+                    }));
+                }
+                match sessions
+                    .budget
+                    .try_reserve(n + FRAME_OVERHEAD, Need::Growth)
+                {
+                    Some(reservation) => conn.grant(reservation),
+                    None => {
+                        sessions.metrics.budget_refused("join");
+                        return Poll::Ready(Err(Refusal {
+                            code: close::TRY_AGAIN_LATER,
+                            reason: "server memory budget reached".into(),
+                            metric: "out_of_memory",
+                        }));
+                    }
+                }
+            }
+            Poll::Ready(Ok(ReadStop::Eof)) => return Poll::Ready(Ok(None)),
+            Poll::Ready(Err(ReadError::Protocol(ProtocolError::TooBig))) => {
+                return Poll::Ready(Err(Refusal {
+                    code: close::TOO_BIG,
+                    reason: "message too big".into(),
+                    metric: "too_big",
+                }))
+            }
+            Poll::Ready(Err(ReadError::Protocol(e))) => {
+                return Poll::Ready(Err(Refusal {
+                    code: e.close_code(),
+                    reason: e.to_string(),
+                    metric: "protocol",
+                }))
+            }
+            Poll::Ready(Err(ReadError::Io(e))) => {
                 debug!("before join: {e}");
-                Ok(None)
+                return Poll::Ready(Ok(None));
             }
-        };
-    }
-}
-
-/// Pumps frames between a joined connection and its channel until either side ends,
-/// then sends the close frame that says why. Used for clients, for peers that connect to
-/// this server, and for this server's own links to peers.
-pub async fn serve_member<S>(
-    ws: WebSocketStream<S>,
-    member: &Member,
-    shared: &Shared,
-    mut shutdown: Shutdown,
-    mode: Mode,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (mut sink, mut stream) = ws.split();
-    let clock = Clock::new();
-    let config = &shared.config.session;
-    let end = tokio::select! {
-        end = read_frames(&mut stream, member, shared, &clock, mode) => end,
-        end = write_frames(&mut sink, member, shared, &clock, mode) => end,
-        end = watch_liveness(config, &clock) => end,
-        end = client_limits(config, member, &clock, mode) => end,
-        _ = shutdown.recv() => End::Shutdown,
-    };
-    if let Some((code, reason)) = end.close_frame() {
-        let frame = close_message(code, reason);
-        let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(frame)).await;
-    } else if matches!(end, End::ClientClosed) {
-        // tungstenite queued the close reply; push it out.
-        let _ = tokio::time::timeout(Duration::from_secs(2), sink.flush()).await;
-    }
-    end
-}
-
-/// Ends a client's session at its idle timeout, its maximum age or its channel's end of
-/// life, whichever comes first. Peer links have none of these.
-async fn client_limits(config: &SessionConfig, member: &Member, clock: &Clock, mode: Mode) -> End {
-    if mode != Mode::Client {
-        return std::future::pending().await;
-    }
-    let far = Duration::from_secs(100 * 365 * 24 * 3600);
-    let started = tokio::time::Instant::now();
-    let age = tokio::time::sleep_until(started + config.max_age.unwrap_or(far));
-    let lifespan = tokio::time::sleep_until(
-        member
-            .channel()
-            .end_of_life()
-            .map_or(started + far, tokio::time::Instant::from_std),
-    );
-    let idle = async {
-        let Some(limit) = config.idle_timeout else {
-            return std::future::pending().await;
-        };
-        loop {
-            let quiet = clock.since_data();
-            if quiet >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - quiet).await;
         }
-    };
-    tokio::select! {
-        _ = age => End::MaxAge,
-        _ = lifespan => End::ChannelLifespan,
-        _ = idle => End::Idle,
-    }
+    })
+    .await;
+    result
 }
 
-/// When the client was last heard from (any frame) and last sent data, in milliseconds
-/// since the session began.
-struct Clock {
-    start: Instant,
-    last_heard: AtomicU64,
-    last_data: AtomicU64,
+/// Local counts, added to the shared metrics once per poll rather than once per frame.
+#[derive(Default)]
+struct Counts {
+    messages_in: u64,
+    bytes_in: u64,
+    messages_out: u64,
+    bytes_out: u64,
 }
 
-impl Clock {
-    fn new() -> Clock {
-        Clock {
-            start: Instant::now(),
-            last_heard: AtomicU64::new(0),
-            last_data: AtomicU64::new(0),
+impl Counts {
+    fn flush(&mut self, metrics: &Metrics) {
+        if self.messages_in > 0 {
+            metrics.messages_in.inc_by(self.messages_in);
+            metrics.bytes_in.inc_by(self.bytes_in);
         }
-    }
-
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    fn since(&self, mark: &AtomicU64) -> Duration {
-        let last = Duration::from_millis(mark.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-
-    /// A data frame arrived `at` (from [`Clock::heard`]).
-    fn data(&self, at: u64) {
-        self.last_data.store(at, Ordering::Relaxed);
-    }
-
-    fn since_data(&self) -> Duration {
-        self.since(&self.last_data)
-    }
-
-    /// Any frame arrived; returns when, for [`Clock::data`] (one clock read per frame).
-    fn heard(&self) -> u64 {
-        let now = self.now();
-        self.last_heard.store(now, Ordering::Relaxed);
-        now
-    }
-
-    fn silence(&self) -> Duration {
-        self.since(&self.last_heard)
+        if self.messages_out > 0 {
+            metrics.messages_out.inc_by(self.messages_out);
+            metrics.bytes_out.inc_by(self.bytes_out);
+        }
+        *self = Counts::default();
     }
 }
 
-async fn read_frames<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
-    member: &Member,
-    shared: &Shared,
-    clock: &Clock,
+/// The state of a joined session's loop.
+struct Serving<'a> {
+    conn: &'a mut Connection<BoxedIo>,
+    member: &'a Member,
+    sessions: &'a Sessions,
+    registration: &'a Registration,
     mode: Mode,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut rate = match (mode, shared.config.session.message_rate) {
-        (Mode::Client, Some((max, window))) => Some(MessageRate::new(max, window)),
+    rate: Option<MessageRate>,
+    /// The publisher is paused until the channel's readers catch up.
+    paused: bool,
+    /// Waiting for memory for a frame of this size.
+    memory: Option<BoxFuture<'static, Option<Reservation>>>,
+    /// The client closed, or a reason to end found while reading.
+    end: Option<End>,
+    batch: Vec<Frame>,
+    entries: Vec<Entry>,
+    counts: Counts,
+}
+
+/// Pumps frames between a joined connection and its channel until either side ends:
+/// for clients and peers that connected here, and for this server's links to its peers.
+pub async fn serve(
+    conn: &mut Connection<BoxedIo>,
+    member: &Member,
+    sessions: &Sessions,
+    registration: &Registration,
+    mode: Mode,
+) -> End {
+    let rate = match (mode, sessions.config.message_rate) {
+        (Mode::Client, Some((max, window))) => {
+            Some(MessageRate::new(max, window, sweeper::now_ms()))
+        }
         _ => None,
     };
-    while let Some(frame) = stream.next().await {
-        let now = clock.heard();
-        match frame {
-            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
-                clock.data(now);
-                shared.metrics.messages_in.inc();
-                shared.metrics.bytes_in.inc_by(msg.len() as u64);
-                if rate.as_mut().is_some_and(|r| !r.allow()) {
-                    shared.metrics.rate_limited.inc();
-                    return End::RateLimited;
-                }
-                match mode {
-                    Mode::Client => {
-                        if member.publish(msg).is_err() {
-                            return End::ChannelLimit;
-                        }
-                    }
-                    Mode::PeerPlain => {
-                        member.relay_by_content(msg);
-                    }
-                    Mode::PeerEnvelope => {
-                        let Some((key, live, msg)) = open_envelope(&msg) else {
-                            return End::BadEnvelope;
-                        };
-                        member.relay(key, live, msg);
-                    }
-                }
-                if member.has_pending() {
-                    // Frames for this member are waiting: let the writer run before
-                    // reading more, so a busy publisher still drains its own queue.
-                    tokio::task::yield_now().await;
-                }
-            }
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-            Ok(Message::Close(_)) => return End::ClientClosed,
-            Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
-                shared.metrics.oversize_messages.inc();
-                debug!("message of {size} bytes over the {max_size} limit");
-                return End::TooBig;
-            }
-            Err(e) => return End::Error(e),
-        }
-    }
-    End::Disconnected
+    let mut state = Serving {
+        conn,
+        member,
+        sessions,
+        registration,
+        mode,
+        rate,
+        paused: false,
+        memory: None,
+        end: None,
+        batch: Vec::new(),
+        entries: Vec::new(),
+        counts: Counts::default(),
+    };
+    std::future::poll_fn(|cx| {
+        let step = state.poll(cx);
+        state.counts.flush(&state.sessions.metrics);
+        step
+    })
+    .await
 }
 
-/// The key, liveness and frame inside a peer's envelope.
-fn open_envelope(msg: &Message) -> Option<(MsgKey, bool, Message)> {
-    let Message::Binary(data) = msg else {
+impl Serving<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        let watch = self.registration.watch();
+        watch.register(cx.waker());
+        loop {
+            let signals = watch.take_signals();
+            if let Some(expiry) = signals.expired {
+                return Poll::Ready(End::Expired(expiry));
+            }
+            if signals.ping {
+                self.conn.queue_control(Opcode::Ping, b"");
+            }
+            if signals.resume && self.paused {
+                // The readers did not catch up within the write timeout: go on; those
+                // that stay behind will lag and be cut.
+                self.paused = false;
+                watch.paused(false);
+            }
+            if let Some(end) = self.end.take() {
+                return Poll::Ready(end);
+            }
+            let mut progress = false;
+
+            // Write what is queued; when the queue is empty, take the next batch.
+            match self.conn.poll_write(cx) {
+                Poll::Ready(Ok(())) => {
+                    watch.write_stalled(false);
+                    if self.member.poll_pending(cx).is_ready() {
+                        if let Err(end) = self.fetch() {
+                            return Poll::Ready(end);
+                        }
+                        // Round again: to write what was fetched, or to park for more.
+                        progress = true;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(End::Io(e)),
+                Poll::Pending => watch.write_stalled(true),
+            }
+
+            // Memory for a frame being received.
+            if let Some(waiting) = self.memory.as_mut() {
+                match waiting.as_mut().poll(cx) {
+                    Poll::Ready(Some(reservation)) => {
+                        self.memory = None;
+                        self.conn.grant(reservation);
+                        progress = true;
+                    }
+                    Poll::Ready(None) => return Poll::Ready(End::OutOfMemory),
+                    Poll::Pending => {}
+                }
+            }
+
+            // A paused publisher reads again once the readers caught up.
+            if self.paused && self.member.poll_writable(cx).is_ready() {
+                self.paused = false;
+                watch.paused(false);
+            }
+
+            if !self.paused && self.memory.is_none() {
+                match self.read(cx) {
+                    Poll::Ready(Ok(true)) => progress = true,
+                    Poll::Ready(Ok(false)) => {}
+                    Poll::Ready(Err(end)) => return Poll::Ready(end),
+                    Poll::Pending => {}
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Reads and handles what the socket has. `Ok(true)` when it stopped with more to do.
+    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, End>> {
+        let Serving {
+            conn,
+            member,
+            sessions,
+            registration,
+            mode,
+            rate,
+            paused,
+            end,
+            counts,
+            ..
+        } = self;
+        let watch = registration.watch();
+        // Only the latest ping needs an answer (RFC 6455 §5.5.3).
+        let mut pong: Option<Bytes> = None;
+        let step = conn.poll_read(cx, |event| {
+            match event {
+                Event::Message(frame) => {
+                    watch.heard_data();
+                    counts.messages_in += 1;
+                    counts.bytes_in += frame.len() as u64;
+                    if let Some(rate) = rate.as_mut() {
+                        if !rate.allow(sweeper::now_ms()) {
+                            *end = Some(End::RateLimited);
+                            return Flow::Stop;
+                        }
+                    }
+                    let published = match mode {
+                        Mode::Client => match member.publish(frame) {
+                            Ok(published) => published,
+                            Err(_) => {
+                                *end = Some(End::ChannelLimit);
+                                return Flow::Stop;
+                            }
+                        },
+                        Mode::Peer => {
+                            let Some((key, live, frame)) = open_envelope(&frame) else {
+                                *end = Some(End::BadEnvelope);
+                                return Flow::Stop;
+                            };
+                            member.relay(key, live, frame)
+                        }
+                        Mode::PeerPlain => member.relay_by_content(frame),
+                    };
+                    if published.pause {
+                        *paused = true;
+                        watch.paused(true);
+                        return Flow::Stop;
+                    }
+                }
+                Event::Ping(payload) => {
+                    watch.heard();
+                    pong = Some(payload);
+                }
+                Event::Pong => watch.heard(),
+                Event::Close(close) => {
+                    watch.heard();
+                    *end = Some(End::ClientClosed(close.map(|c| c.code)));
+                    return Flow::Stop;
+                }
+            }
+            Flow::Continue
+        });
+        let answered = pong.is_some();
+        if let Some(payload) = pong {
+            conn.queue_control(Opcode::Pong, &payload);
+        }
+        match step {
+            // A pong was queued: the loop goes round to write it.
+            Poll::Pending if answered => Poll::Ready(Ok(true)),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(ReadStop::Stopped)) => Poll::Ready(Ok(true)),
+            Poll::Ready(Ok(ReadStop::NeedMemory(n))) => {
+                let budget = &sessions.budget;
+                let need = if n > LARGE_FRAME {
+                    Need::Growth
+                } else {
+                    Need::Service
+                };
+                let mut reserved = budget.try_reserve(n + FRAME_OVERHEAD, need);
+                if reserved.is_none() {
+                    sessions
+                        .hub
+                        .relieve(n + FRAME_OVERHEAD + budget.limit() / 64);
+                    reserved = budget.try_reserve(n + FRAME_OVERHEAD, need);
+                }
+                match (reserved, need) {
+                    (Some(reservation), _) => {
+                        conn.grant(reservation);
+                        Poll::Ready(Ok(true))
+                    }
+                    // Large frames are refused outright when memory is short.
+                    (None, Need::Growth) => Poll::Ready(Err(End::OutOfMemory)),
+                    // An ordinary frame waits for memory: TCP slows the sender meanwhile.
+                    (None, Need::Service) => {
+                        let budget = budget.clone();
+                        let limit = sessions.config.write_timeout;
+                        self.memory = Some(Box::pin(async move {
+                            let wait = budget.reserve(n + FRAME_OVERHEAD, Need::Service);
+                            tokio::time::timeout(limit, wait).await.ok().flatten()
+                        }));
+                        Poll::Ready(Ok(true))
+                    }
+                }
+            }
+            Poll::Ready(Ok(ReadStop::Eof)) => {
+                Poll::Ready(Err(end.take().unwrap_or(End::Disconnected)))
+            }
+            Poll::Ready(Err(ReadError::Protocol(e))) => Poll::Ready(Err(End::Protocol(e))),
+            Poll::Ready(Err(ReadError::Io(e))) => {
+                Poll::Ready(Err(end.take().unwrap_or(End::Io(e))))
+            }
+        }
+    }
+
+    /// Takes the next batch of frames for this member and queues it on the connection.
+    fn fetch(&mut self) -> Result<(), End> {
+        match self.mode {
+            Mode::Client => {
+                self.member
+                    .fetch(&mut self.batch, FETCH_FRAMES, FETCH_BYTES)
+                    .map_err(|_| End::SlowConsumer)?;
+                for frame in self.batch.drain(..) {
+                    self.counts.messages_out += 1;
+                    self.counts.bytes_out += frame.len() as u64;
+                    self.conn.queue_frame(&frame);
+                }
+            }
+            Mode::Peer => {
+                self.member
+                    .fetch_entries(&mut self.entries, FETCH_FRAMES, FETCH_BYTES)
+                    .map_err(|_| End::SlowConsumer)?;
+                for entry in self.entries.drain(..) {
+                    self.counts.messages_out += 1;
+                    self.counts.bytes_out += entry.frame.len() as u64;
+                    let (prefix, payload) = seal_envelope(&entry);
+                    self.conn.queue_prefixed(&prefix, payload);
+                }
+            }
+            Mode::PeerPlain => {
+                self.member
+                    .fetch_entries(&mut self.entries, FETCH_FRAMES, FETCH_BYTES)
+                    .map_err(|_| End::SlowConsumer)?;
+                // A plain server has no place for other members' join frames.
+                for entry in self.entries.drain(..).filter(|e| e.live) {
+                    self.counts.messages_out += 1;
+                    self.counts.bytes_out += entry.frame.len() as u64;
+                    self.conn.queue_frame(&entry.frame);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key, liveness and frame inside a peer's envelope; the frame shares the envelope's
+/// bytes (and their memory charge).
+pub fn open_envelope(frame: &Frame) -> Option<(MsgKey, bool, Frame)> {
+    if frame.kind() != FrameKind::Binary {
         return None;
-    };
+    }
+    let data = frame.data();
     let envelope = Envelope::decode(data).ok()?;
     let key = MsgKey {
         origin: Arc::from(envelope.origin),
         seq: envelope.seq,
     };
     let payload = data.slice_ref(envelope.payload);
-    let msg = match envelope.kind {
-        EnvelopeKind::Binary => Message::Binary(payload),
-        // decode checked the text is UTF-8
-        EnvelopeKind::Text | EnvelopeKind::Join => Message::Text(payload.try_into().ok()?),
+    let (kind, live) = match envelope.kind {
+        EnvelopeKind::Binary => (FrameKind::Binary, true),
+        EnvelopeKind::Text => (FrameKind::Text, true),
+        EnvelopeKind::Join => (FrameKind::Text, false),
     };
-    Some((key, envelope.kind != EnvelopeKind::Join, msg))
+    // decode checked that text is UTF-8
+    let frame = Frame::new(kind, payload)?;
+    Some((key, live, frame))
 }
 
-/// A stored entry as a peer link carries it.
-fn seal_envelope(entry: &Entry) -> Message {
-    let (kind, payload): (EnvelopeKind, &[u8]) = match &entry.msg {
-        Message::Text(t) if entry.live => (EnvelopeKind::Text, t.as_bytes()),
-        Message::Text(t) => (EnvelopeKind::Join, t.as_bytes()),
-        other => (EnvelopeKind::Binary, other_bytes(other)),
+/// A stored entry as a peer link carries it: the envelope's prefix and the payload.
+pub fn seal_envelope(entry: &Entry) -> (Vec<u8>, Bytes) {
+    let kind = match (entry.frame.kind(), entry.live) {
+        (FrameKind::Text, true) => EnvelopeKind::Text,
+        (FrameKind::Text, false) => EnvelopeKind::Join,
+        (FrameKind::Binary, _) => EnvelopeKind::Binary,
     };
-    Message::binary(
-        Envelope {
-            kind,
-            origin: &entry.key.origin,
-            seq: entry.key.seq,
-            payload,
-        }
-        .encode(),
-    )
-}
-
-fn other_bytes(msg: &Message) -> &[u8] {
-    match msg {
-        Message::Binary(b) => b,
-        _ => &[],
+    let prefix = Envelope {
+        kind,
+        origin: &entry.key.origin,
+        seq: entry.key.seq,
+        payload: &[],
     }
+    .prefix();
+    (prefix, entry.frame.data().clone())
 }
 
-/// Takes the frames pending for `member` as they go out on a connection of `mode`.
-fn fetch_for(
-    member: &Member,
-    mode: Mode,
-    out: &mut Vec<Message>,
-    entries: &mut Vec<Entry>,
-) -> Result<(), crate::hub::Lagged> {
-    match mode {
-        Mode::Client => member.fetch(out, FETCH_BATCH),
-        Mode::PeerEnvelope => {
-            member.fetch_entries(entries, FETCH_BATCH)?;
-            out.extend(entries.drain(..).map(|e| seal_envelope(&e)));
-            Ok(())
-        }
-        Mode::PeerPlain => {
-            member.fetch_entries(entries, FETCH_BATCH)?;
-            // A plain server has no place for other members' join frames.
-            out.extend(entries.drain(..).filter(|e| e.live).map(|e| e.msg));
-            Ok(())
-        }
-    }
-}
-
-async fn write_frames<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    member: &Member,
-    shared: &Shared,
-    clock: &Clock,
-    mode: Mode,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let config = &shared.config.session;
-    let mut ping = tokio::time::interval(config.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut batch = Vec::new();
-    let mut entries = Vec::new();
-    loop {
-        // Feed everything the channel has for us, then flush once: one write syscall
-        // carries as many frames as arrived while the last one was in flight.
-        let mut fed = false;
-        loop {
-            if fetch_for(member, mode, &mut batch, &mut entries).is_err() {
-                return End::SlowConsumer("too slow: fell behind the channel");
-            }
-            if batch.is_empty() {
-                break;
-            }
-            let (count, bytes) = (batch.len(), batch.iter().map(Message::len).sum::<usize>());
-            // One timer for the whole batch: a timer per frame cost more than the frame.
-            let feed_all = async {
-                for msg in batch.drain(..) {
-                    sink.feed(msg).await?;
-                }
-                Ok(())
-            };
-            if let Err(end) = within(config.write_timeout, feed_all).await {
-                return end;
-            }
-            shared.metrics.messages_out.inc_by(count as u64);
-            shared.metrics.bytes_out.inc_by(bytes as u64);
-            fed = true;
-        }
-        if fed {
-            if let Err(end) = within(config.write_timeout, sink.flush()).await {
-                return end;
-            }
-            continue;
-        }
-        tokio::select! {
-            _ = member.pending() => {}
-            _ = ping.tick() => {
-                if clock.silence() >= config.ping_interval {
-                    let ping = sink.send(Message::Ping(Default::default()));
-                    if let Err(end) = within(config.write_timeout, ping).await {
-                        return end;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Runs a write to the socket; one that stalls for `limit` means the member is too slow.
-/// Most writes complete at once, and those start no timer (nor read the clock).
-async fn within(
-    limit: Duration,
-    write: impl std::future::Future<Output = Result<(), WsError>>,
-) -> Result<(), End> {
-    let mut write = std::pin::pin!(write);
-    let result = match futures::poll!(write.as_mut()) {
-        std::task::Poll::Ready(result) => Ok(result),
-        std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
-    };
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::Error(e)),
-        Err(_) => Err(End::SlowConsumer("too slow: write stalled")),
-    }
-}
-
-/// Ends the session once the client has been silent for `missed_pongs` ping intervals.
-async fn watch_liveness(config: &SessionConfig, clock: &Clock) -> End {
-    let limit = config.ping_interval * (config.missed_pongs + 1);
-    loop {
-        let silence = clock.silence();
-        if silence >= limit {
-            return End::Unresponsive;
-        }
-        tokio::time::sleep(limit - silence).await;
-    }
-}
-
-fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_string().into(),
-    }))
-}
-
-async fn send_close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = close_message(code, reason);
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(2), ws.send(frame)).await {
-        warn!("close frame not sent: {e}");
+/// Sends a close frame with `code` and `reason` and waits (briefly) for it to be written.
+pub async fn closing(conn: &mut Connection<BoxedIo>, code: u16, reason: &str) {
+    conn.queue_control(Opcode::Close, &websocket::close_payload(code, reason));
+    let write = std::future::poll_fn(|cx| conn.poll_write(cx));
+    if tokio::time::timeout(CLOSE_TIMEOUT, write).await.is_ok() {
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            std::future::poll_fn(|cx| conn.poll_shutdown(cx)),
+        )
+        .await;
     }
 }

@@ -25,10 +25,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::frame::{Frame, FrameKind};
 use bytes::Bytes;
 use log::{info, warn};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot;
@@ -102,14 +102,20 @@ impl Store {
                         metrics.history_corrupt_files.inc();
                     }
                     loaded += entries.len();
-                    let channel = hub.channel_or_create(&name);
+                    let channel = match hub.channel_or_create(&name) {
+                        Ok(channel) => channel,
+                        Err(e) => {
+                            warn!("history of '{name}' not loaded: {e}");
+                            continue;
+                        }
+                    };
                     channel.restore(entries);
                     let history = channel.history();
                     // Rewrite now, so a damaged tail is gone and the log starts compact.
                     if let Err(e) = rewrite(&path, &history) {
                         warn!("rewriting history of '{name}': {e}");
                     }
-                    let bytes = history.iter().map(|e| e.msg.len()).sum();
+                    let bytes = history.iter().map(|e| e.frame.len()).sum();
                     let tail = Tail {
                         entries: history.into(),
                         bytes,
@@ -155,11 +161,11 @@ fn channel_name(path: &Path) -> Option<String> {
 }
 
 fn encode(entry: &Entry, out: &mut Vec<u8>) {
-    let (kind, payload): (u8, &[u8]) = match &entry.msg {
-        Message::Text(t) => (0, t.as_bytes()),
-        Message::Binary(b) => (1, b),
-        _ => return,
+    let kind = match entry.frame.kind() {
+        FrameKind::Text => 0,
+        FrameKind::Binary => 1,
     };
+    let payload: &[u8] = entry.frame.data();
     let origin = &entry.key.origin.as_bytes()[..entry.key.origin.len().min(255)];
     let mut body = Vec::with_capacity(3 + origin.len() + 8 + payload.len());
     body.push(entry.live as u8);
@@ -173,7 +179,7 @@ fn encode(entry: &Entry, out: &mut Vec<u8>) {
     out.extend_from_slice(&body);
 }
 
-fn decode(body: &[u8]) -> Option<(MsgKey, bool, Message)> {
+fn decode(body: &[u8]) -> Option<(MsgKey, bool, Frame)> {
     let (&live, rest) = body.split_first()?;
     let (&kind, rest) = rest.split_first()?;
     let (&len, rest) = rest.split_first()?;
@@ -184,11 +190,12 @@ fn decode(body: &[u8]) -> Option<(MsgKey, bool, Message)> {
     let origin = std::str::from_utf8(&rest[..len]).ok()?;
     let seq = u64::from_le_bytes(rest[len..len + 8].try_into().ok()?);
     let payload = Bytes::copy_from_slice(&rest[len + 8..]);
-    let msg = match kind {
-        0 => Message::Text(payload.try_into().ok()?),
-        1 => Message::Binary(payload),
+    let kind = match kind {
+        0 => FrameKind::Text,
+        1 => FrameKind::Binary,
         _ => return None,
     };
+    let msg = Frame::new(kind, payload)?;
     let key = MsgKey {
         origin: Arc::from(origin),
         seq,
@@ -196,7 +203,7 @@ fn decode(body: &[u8]) -> Option<(MsgKey, bool, Message)> {
     Some((key, live != 0, msg))
 }
 
-type Loaded = (Vec<(MsgKey, bool, Message)>, Option<usize>);
+type Loaded = (Vec<(MsgKey, bool, Frame)>, Option<usize>);
 
 /// Reads a log: its records, and the offset of the first damaged record, if any.
 fn load(path: &Path) -> io::Result<Loaded> {
@@ -315,13 +322,13 @@ impl Writer {
         let name: Arc<str> = Arc::from(channel.name());
         let path = file_for(&self.dir, &name);
         let tail = self.tails.entry(name.clone()).or_default();
-        tail.bytes += entry.msg.len();
+        tail.bytes += entry.frame.len();
         tail.entries.push_back(entry.clone());
         while tail.entries.len() > self.limit || tail.bytes > self.max_bytes {
             let Some(old) = tail.entries.pop_front() else {
                 break;
             };
-            tail.bytes -= old.msg.len();
+            tail.bytes -= old.frame.len();
         }
         if !self.logs.contains_key(&name) {
             match OpenOptions::new().create(true).append(true).open(&path) {
@@ -375,15 +382,16 @@ fn flush_all(logs: &mut HashMap<Arc<str>, OpenLog>, sync: bool) {
 mod tests {
     use super::*;
 
-    fn entry(seq: u64, live: bool, msg: Message) -> Entry {
+    fn entry(seq: u64, live: bool, frame: Frame) -> Entry {
         Entry {
+            seq,
             from: 1,
             live,
             key: MsgKey {
                 origin: Arc::from("srv#1"),
                 seq,
             },
-            msg,
+            frame,
         }
     }
 
@@ -392,20 +400,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         let mut data = Vec::new();
-        encode(
-            &entry(1, false, Message::text("{\"uid\":\"a\"}")),
-            &mut data,
-        );
-        encode(&entry(2, true, Message::binary(vec![0u8, 1, 2])), &mut data);
+        encode(&entry(1, false, Frame::text("{\"uid\":\"a\"}")), &mut data);
+        encode(&entry(2, true, Frame::binary(vec![0u8, 1, 2])), &mut data);
         let good = data.len();
-        encode(&entry(3, true, Message::text("lost")), &mut data);
+        encode(&entry(3, true, Frame::text("lost")), &mut data);
         data[good + 10] ^= 0xff; // flip a bit in the third record
         fs::write(&path, &data).unwrap();
         let (entries, corrupt) = load(&path).unwrap();
         assert_eq!(corrupt, Some(good));
         assert_eq!(entries.len(), 2);
         assert!(!entries[0].1 && entries[1].1);
-        assert_eq!(entries[1].2, Message::binary(vec![0u8, 1, 2]));
+        assert_eq!(entries[1].2, Frame::binary(vec![0u8, 1, 2]));
         // Truncation mid-record is detected the same way.
         fs::write(&path, &data[..good + 5]).unwrap();
         assert_eq!(load(&path).unwrap().1, Some(good));

@@ -184,7 +184,8 @@ async fn a_full_channel_refuses_another_member_but_other_channels_do_not() {
 
 #[tokio::test]
 async fn a_channel_over_its_message_limit_closes_the_publisher() {
-    let server = start_with(|c| c.hub.max_messages = Some(3)).await;
+    // Two join frames and three messages: join frames count, as they take history too.
+    let server = start_with(|c| c.hub.max_messages = Some(5)).await;
     let mut a = join_now(&server, "a", "capped").await;
     let mut b = join(server.addr, "b", "capped").await;
     recv_text(&mut b).await;

@@ -1,5 +1,7 @@
 //! Test harness: a real server on an ephemeral loopback port, and a WebSocket client that
-//! talks to it as Mles clients do. Every receive is bounded by a timeout.
+//! talks to it as Mles clients do. Every receive is bounded by a timeout. Tests wait for
+//! events with [`wait_until`] (never a fixed sleep), read many frames with [`collect`], and
+//! speak HTTP through [`http_client`].
 #![allow(dead_code)]
 
 pub mod http_client;

@@ -378,6 +378,9 @@ impl Envelope<'_> {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

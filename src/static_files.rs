@@ -223,6 +223,9 @@ pub fn status(code: StatusCode) -> WarpResponse {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -379,6 +379,9 @@ fn flush_all(logs: &mut HashMap<Arc<str>, OpenLog>, sync: bool) {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

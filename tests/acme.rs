@@ -20,7 +20,6 @@ use mles::config::{Args, Config};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tls_support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long an order may take: Pebble validates at once, rustls-acme polls every 1-2 s.
 const ACME_WAIT: Duration = Duration::from_secs(90);
@@ -35,13 +34,10 @@ fn free_udp_port() -> u16 {
 
 /// Waits until something accepts TCP connections on `addr`.
 async fn listening(addr: SocketAddr, what: &str) {
-    tokio::time::timeout(WAIT, async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    common::wait_until(&format!("{what} to listen on {addr}"), WAIT, async || {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
     })
-    .await
-    .unwrap_or_else(|_| panic!("{what} is not listening on {addr}"));
+    .await;
 }
 
 /// Pebble and its DNS server, killed when dropped.
@@ -137,24 +133,12 @@ impl Pebble {
 
     /// The root Pebble issues certificates under, from its management interface.
     async fn issuing_root(&self) -> CertificateDer<'static> {
-        let trust = trusting(&[self.https_ca.der()]);
-        let mut tls = tls_connect(self.management, "127.0.0.1", trust)
-            .await
-            .expect("TLS to pebble's management interface");
-        let request = format!(
-            "GET /roots/0 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.management
-        );
-        let mut reply = Vec::new();
-        tokio::time::timeout(WAIT, async {
-            tls.write_all(request.as_bytes()).await?;
-            tls.read_to_end(&mut reply).await
-        })
-        .await
-        .expect("pebble answers in time")
-        .expect("pebble answers");
-        let reply = String::from_utf8(reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let https = common::http_client::Http::tls(trusting(&[self.https_ca.der()]));
+        let reply = https
+            .send(http::Method::GET, self.management, "/roots/0", &[], b"")
+            .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let reply = reply.text();
         CertificateDer::pem_slice_iter(reply.as_bytes())
             .next()
             .expect("a certificate in the reply")
@@ -210,17 +194,20 @@ async fn served_cert(
     domain: &str,
     trust: std::sync::Arc<rustls::ClientConfig>,
 ) -> CertificateDer<'static> {
-    let deadline = tokio::time::Instant::now() + ACME_WAIT;
-    loop {
-        match tls_connect(addr, domain, trust.clone()).await {
-            Ok(tls) => return peer_cert(&tls),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                log::debug!("no certificate for {domain} yet: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut served = None;
+    common::wait_until(
+        &format!("a certificate for {domain}"),
+        ACME_WAIT,
+        async || {
+            match tls_connect(addr, domain, trust.clone()).await {
+                Ok(tls) => served = Some(peer_cert(&tls)),
+                Err(e) => log::debug!("no certificate for {domain} yet: {e}"),
             }
-            Err(e) => panic!("no certificate for {domain} within {ACME_WAIT:?}: {e}"),
-        }
-    }
+            served.is_some()
+        },
+    )
+    .await;
+    served.expect("served")
 }
 
 /// Waits until the server has saved `cert` in its cache (it does so just after serving it).
@@ -241,13 +228,12 @@ async fn saved_in_cache(cache: &Path, cert: &CertificateDer<'static>) {
                     })
             })
     };
-    tokio::time::timeout(WAIT, async {
-        while !saved() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the certificate is saved in the cache in time");
+    common::wait_until(
+        "the certificate to be saved in the cache",
+        WAIT,
+        async || saved(),
+    )
+    .await;
 }
 
 fn init_log() {

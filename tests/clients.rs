@@ -76,6 +76,8 @@ struct Websocat {
     stdin: Option<ChildStdin>,
     lines: mpsc::UnboundedReceiver<String>,
     stderr: Arc<Mutex<String>>,
+    /// The task copying stderr into `stderr`; it ends when websocat closes stderr.
+    stderr_reader: Option<tokio::task::JoinHandle<()>>,
     seen: Vec<String>,
 }
 
@@ -112,7 +114,7 @@ impl Websocat {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().expect("stderr piped");
         let err_buf = stderr.clone();
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             let mut chunk = [0u8; 4096];
             while let Ok(n) = err_pipe.read(&mut chunk).await {
                 if n == 0 {
@@ -130,6 +132,7 @@ impl Websocat {
             stdin,
             lines,
             stderr,
+            stderr_reader: Some(stderr_reader),
             seen: Vec::new(),
         }
     }
@@ -193,8 +196,13 @@ impl Websocat {
             .await
             .unwrap_or_else(|_| panic!("{}: did not exit after stdin closed", self.name))
             .expect("wait for websocat");
-        // Let the stderr reader drain what was written before exit.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Everything websocat wrote is read once its stderr reaches end of file.
+        if let Some(reader) = self.stderr_reader.take() {
+            tokio::time::timeout(CLIENT_WAIT, reader)
+                .await
+                .unwrap_or_else(|_| panic!("{}: stderr not closed after exit", self.name))
+                .expect("stderr reader");
+        }
         (status, self.stderr())
     }
 }
@@ -212,13 +220,17 @@ async fn websocat_once(args: &[&str], stdin: &str) -> (ExitStatus, String) {
 /// Waits until `channel` holds at least `frames` frames of history, i.e. a client process
 /// has joined and sent what it was given.
 async fn wait_for_history(server: &TestServer, channel: &str, frames: usize) {
-    eventually(&format!("{frames} frames of history in {channel}"), || {
-        server
-            .shared
-            .hub
-            .channel(channel)
-            .is_some_and(|c| c.history().len() >= frames)
-    })
+    wait_until(
+        &format!("{frames} frames of history in {channel}"),
+        WAIT,
+        async || {
+            server
+                .shared
+                .hub
+                .channel(channel)
+                .is_some_and(|c| c.history().len() >= frames)
+        },
+    )
     .await;
 }
 

@@ -14,7 +14,10 @@ async fn a_late_joiner_gets_the_last_limit_frames_in_order_then_live_ones() {
     }
     // Wait until the server has stored all ten before the late join.
     let shared = server.shared.clone();
-    eventually("history stored", || shared.metrics.messages_in.get() == 10).await;
+    wait_until("history stored", WAIT, async || {
+        shared.metrics.messages_in.get() == 10
+    })
+    .await;
     let mut late = join(server.addr, "late", "h").await;
     assert_eq!(
         recv_texts(&mut late, 5).await,
@@ -50,7 +53,7 @@ async fn history_survives_everyone_leaving() {
     send_text(&mut a, "remember me").await;
     drop(a);
     let shared = server.shared.clone();
-    eventually("a left", || {
+    wait_until("a left", WAIT, async || {
         shared.hub.channel("kept").map(|c| c.member_count()) == Some(0)
     })
     .await;
@@ -78,7 +81,7 @@ async fn joining_during_heavy_traffic_has_no_gap_and_no_duplicate() {
     });
     // Join while the publisher is mid-stream.
     let shared = server.shared.clone();
-    eventually("traffic under way", || {
+    wait_until("traffic under way", WAIT, async || {
         shared.metrics.messages_in.get() >= 500
     })
     .await;

@@ -2,33 +2,31 @@
 
 mod common;
 use common::*;
+use http::Method;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 
-/// True when the server closes a fresh TCP connection without answering a request.
+/// True when the server closes a fresh connection from `from` without answering a request
+/// (it is refused before any HTTP work); false when /health is answered.
 async fn refused_at_accept(addr: SocketAddr, from: [u8; 4]) -> bool {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((from, 0))).unwrap();
-    let mut tcp = socket.connect(addr).await.unwrap();
-    let _ = tokio::io::AsyncWriteExt::write_all(
-        &mut tcp,
-        b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    )
-    .await;
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(WAIT, tcp.read(&mut buf))
+    let client = http_client::Http::with(http_client::HttpOptions {
+        local_address: Some(from.into()),
+        ..Default::default()
+    });
+    match client
+        .try_send(Method::GET, addr, "/health", &[("host", "localhost")], b"")
         .await
-        .expect("answer or close in time")
     {
-        Ok(0) | Err(_) => true,
-        Ok(_) => {
-            assert!(
-                buf.starts_with(b"HTTP/1.1 200"),
-                "{}",
-                String::from_utf8_lossy(&buf)
-            );
+        Ok(reply) => {
+            assert_eq!(reply.status, 200, "{reply:?}");
             false
+        }
+        Err(e) => {
+            assert!(
+                !e.is_timeout(),
+                "neither answered nor closed in time: {e:?}"
+            );
+            true
         }
     }
 }
@@ -49,7 +47,7 @@ async fn connections_over_the_limit_are_refused_until_one_closes() {
     assert!(refused_at_accept(server.addr, [127, 0, 0, 1]).await);
     drop(a);
     let shared = server.shared.clone();
-    eventually("a's permit returned", || {
+    wait_until("a's permit returned", WAIT, async || {
         shared.metrics.connections_open.get() == 2
     })
     .await;
@@ -80,14 +78,10 @@ async fn each_address_holds_its_share_of_connections_until_one_closes() {
     assert_refusals(&server, "per_ip_limit", 1);
     // The place comes back when a connection closes.
     drop(first);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while refused_at_accept(server.addr, [127, 0, 0, 1]).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the place never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the place to come back", WAIT, async || {
+        !refused_at_accept(server.addr, [127, 0, 0, 1]).await
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -133,6 +127,8 @@ async fn idle_clients_are_closed_and_active_ones_are_not() {
     let keep_busy = tokio::spawn(async move {
         for _ in 0..8 {
             send_text(&mut busy, "tick").await;
+            // The behaviour under test: a client that sends every 150 ms is never idle
+            // for the 600 ms timeout.
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
         busy
@@ -152,7 +148,7 @@ async fn idle_clients_are_closed_and_active_ones_are_not() {
     let mut busy = keep_busy.await.unwrap();
     send_text(&mut busy, "still open").await;
     let shared = server.shared.clone();
-    eventually("busy still joined", || {
+    wait_until("busy still joined", WAIT, async || {
         shared.hub.channel("quiet").unwrap().member_count() == 1
     })
     .await;
@@ -251,14 +247,17 @@ async fn past_the_channel_cap_idle_channels_make_room_and_busy_ones_are_kept() {
     send_text(&mut a, "old").await;
     drop(a);
     let shared = server.shared.clone();
-    eventually("first is idle", || {
+    wait_until("first is idle", WAIT, async || {
         shared.metrics.messages_in.get() == 1
             && shared.hub.channel("first").map(|c| c.member_count()) == Some(0)
     })
     .await;
     let _b = join(server.addr, "b", "second").await;
     let _c = join(server.addr, "c", "third").await;
-    eventually("first evicted", || shared.hub.channel("first").is_none()).await;
+    wait_until("first evicted", WAIT, async || {
+        shared.hub.channel("first").is_none()
+    })
+    .await;
     // Every channel has members now: a new one is refused, existing ones still join.
     let mut d = join(server.addr, "d", "fourth").await;
     let (code, reason) = expect_close(&mut d).await;

@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mles::nats::NatsConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest wait for anything that crosses NATS, reconnects included.
 const SLOW: Duration = Duration::from_secs(40);
@@ -57,20 +56,17 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .expect("nats-server runs (Debian package nats-server)");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        let port = self.port;
+        wait_until("nats-server to say it is ready", WAIT, async || {
             let said = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if said.contains("Server is ready") {
-                break;
-            }
             let exited = child.try_wait().unwrap();
             assert!(
-                exited.is_none() && tokio::time::Instant::now() < deadline,
-                "nats-server on port {} did not get ready ({exited:?}):\n{said}",
-                self.port
+                exited.is_none(),
+                "nats-server on port {port} exited ({exited:?}):\n{said}"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            said.contains("Server is ready")
+        })
+        .await;
         self.child = Some(child);
     }
 
@@ -126,70 +122,24 @@ async fn mles_server_unconnected(id: &str, nats: &NatsServer, limit: usize) -> T
 async fn mles_server(id: &str, nats: &NatsServer, limit: usize) -> TestServer {
     let server = mles_server_unconnected(id, nats, limit).await;
     let shared = server.shared.clone();
-    wait_until("connected to NATS", SLOW, || {
+    wait_until("connected to NATS", SLOW, async || {
         shared.metrics.nats_connected.get() == 1
     })
     .await;
     server
 }
 
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// Waits until `n` clients and the NATS link are members of `channel` on `server`: the
 /// clients' joins are done, and the link consumes the channel.
 async fn members(server: &TestServer, channel: &str, n: usize) {
     let shared = server.shared.clone();
-    wait_until("clients and link joined", SLOW, || {
+    wait_until("clients and link joined", SLOW, async || {
         shared
             .hub
             .channel(channel)
             .is_some_and(|c| c.client_count() == n && c.member_count() == n + 1)
     })
     .await;
-}
-
-/// The next data frame's text before `deadline` (pings skipped), or None.
-async fn next_text(ws: &mut Ws, deadline: tokio::time::Instant) -> Option<String> {
-    use futures::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return None,
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(Some(Ok(Message::Text(text)))) => return Some(text.to_string()),
-            Ok(other) => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-/// Reads data frames (join frames, which start with '{', are skipped) until `want` arrived
-/// or `limit` passed, then for a short quiet time more, so duplicates would show.
-async fn collect(ws: &mut Ws, want: usize, limit: Duration) -> Vec<String> {
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + limit;
-    while got.len() < want {
-        match next_text(ws, deadline).await {
-            Some(text) if text.starts_with('{') => {}
-            Some(text) => got.push(text),
-            None => panic!("only {} of {want} frames arrived: {got:?}", got.len()),
-        }
-    }
-    let quiet = tokio::time::Instant::now() + Duration::from_millis(700);
-    while let Some(text) = next_text(ws, quiet).await {
-        if !text.starts_with('{') {
-            got.push(text);
-        }
-    }
-    got
 }
 
 /// Checks that `got` holds each of `publishers`' frames `0..per` exactly once, and each
@@ -215,18 +165,8 @@ fn exactly_once_in_order(got: &[String], publishers: &[&str], per: usize, who: &
 
 /// GET /health over plain HTTP: status code and body.
 async fn health(server: &TestServer) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut response))
-        .await
-        .expect("health answers in time")
-        .unwrap();
-    let code = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
+    let reply = http_client::get(server.addr, "/health").await;
+    (reply.status.as_u16(), reply.text())
 }
 
 /// The last frame stored in JetStream for `channel`, read with a separate NATS client.
@@ -242,14 +182,10 @@ async fn last_in_stream(nats: &NatsServer, channel: &str) -> Option<String> {
 }
 
 async fn wait_in_stream(nats: &NatsServer, channel: &str, frame: &str) {
-    let deadline = tokio::time::Instant::now() + SLOW;
-    while last_in_stream(nats, channel).await.as_deref() != Some(frame) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{frame} never reached the stream"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(&format!("{frame} to reach the stream"), SLOW, async || {
+        last_in_stream(nats, channel).await.as_deref() == Some(frame)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +290,7 @@ async fn a_restarted_cluster_loses_no_history() {
         send_text(&mut on_b, &format!("b:{i}")).await;
     }
     let shared = a.shared.clone();
-    wait_until("a stored its and b's frames", SLOW, || {
+    wait_until("a stored its and b's frames", SLOW, async || {
         shared
             .hub
             .channel("keep")
@@ -398,7 +334,7 @@ async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
     nats.stop();
     for server in [&a, &b] {
         let shared = server.shared.clone();
-        wait_until("NATS loss noticed", SLOW, || {
+        wait_until("NATS loss noticed", SLOW, async || {
             shared.metrics.nats_connected.get() == 0
         })
         .await;
@@ -422,7 +358,7 @@ async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
     // history for NATS to come back.
     for server in [&a, &b] {
         let shared = server.shared.clone();
-        wait_until("publish failure", SLOW, || {
+        wait_until("publish failure", SLOW, async || {
             shared.metrics.nats_publish_failures.get() >= 1
         })
         .await;
@@ -432,7 +368,7 @@ async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
     nats.run().await;
     for server in [&a, &b] {
         let shared = server.shared.clone();
-        wait_until("NATS back", SLOW, || {
+        wait_until("NATS back", SLOW, async || {
             shared.metrics.nats_connected.get() == 1
         })
         .await;
@@ -498,7 +434,7 @@ async fn a_server_starts_and_serves_locally_while_nats_is_down_and_shares_once_i
     let mut a1 = join(a.addr, "a1", "early").await;
     let mut a2 = join(a.addr, "a2", "early").await;
     let shared = a.shared.clone();
-    wait_until("clients joined, no link yet", SLOW, || {
+    wait_until("clients joined, no link yet", SLOW, async || {
         shared
             .hub
             .channel("early")
@@ -511,7 +447,7 @@ async fn a_server_starts_and_serves_locally_while_nats_is_down_and_shares_once_i
     exactly_once_in_order(&collect(&mut a2, 5, WAIT).await, &["a1"], 5, "a2");
 
     nats.run().await;
-    wait_until("connected", SLOW, || {
+    wait_until("connected", SLOW, async || {
         shared.metrics.nats_connected.get() == 1
     })
     .await;

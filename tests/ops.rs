@@ -4,29 +4,10 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
-        .await
-        .expect("answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let reply = http_client::get(addr, path).await;
+    (reply.status.as_u16(), reply.text())
 }
 
 /// The value of a metric line `name value` in Prometheus text.
@@ -114,17 +95,13 @@ async fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
         };
         assert_eq!(code, 1001);
     }
-    let deadline = std::time::Instant::now() + WAIT;
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "server did not exit in time"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut exit = None;
+    wait_until("the server to exit", WAIT, async || {
+        exit = child.try_wait().unwrap();
+        exit.is_some()
+    })
+    .await;
+    let exit = exit.expect("exited");
     assert!(exit.success(), "exit status {exit:?}");
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());

@@ -6,7 +6,8 @@ use common::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
 
 /// Loopback ports picked up front, so servers can name each other before they start.
 /// `N` free ports (see [`free_port`]): peers must know each other's before they start.
@@ -44,30 +45,17 @@ async fn peer_server_with(
     .await
 }
 
-/// Reads frames until `want` data frames (not join frames) arrived, then checks that no
-/// more come; returns how often each was seen.
-async fn collect(ws: &mut Ws, want: usize) -> HashMap<String, usize> {
+/// How long frames may take to cross the links.
+const LINK_WAIT: Duration = Duration::from_secs(30);
+
+/// [`collect`]s `want` data frames; returns how often each was seen.
+async fn tally<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    want: usize,
+) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
-    let mut data = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while data < want {
-        let msg = tokio::time::timeout_at(deadline, recv(ws))
-            .await
-            .unwrap_or_else(|_| panic!("only {data} of {want} frames arrived: {seen:?}"));
-        let text = msg.into_text().unwrap().to_string();
-        if text.starts_with('{') {
-            continue; // join frames from history
-        }
-        *seen.entry(text).or_insert(0) += 1;
-        data += 1;
-    }
-    // Duplicates would arrive right behind.
-    let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(msg) = tokio::time::timeout_at(quiet, recv(ws)).await {
-        let text = msg.into_text().unwrap().to_string();
-        if !text.starts_with('{') {
-            *seen.entry(text).or_insert(0) += 1;
-        }
+    for frame in collect(ws, want, LINK_WAIT).await {
+        *seen.entry(frame).or_insert(0) += 1;
     }
     seen
 }
@@ -87,7 +75,7 @@ async fn everyone_gets_everything_once(clients: &mut [(String, Ws)], per: usize)
             .filter(|n| *n != name)
             .flat_map(|n| (0..per).map(move |i| (format!("{n}:{i}"), 1)))
             .collect();
-        let got = collect(ws, expected.len()).await;
+        let got = tally(ws, expected.len()).await;
         assert_eq!(got, expected, "{name} did not get every frame exactly once");
     }
 }
@@ -107,7 +95,7 @@ async fn clients_on(servers: &[&TestServer], channel: &str, links: i64) -> Vec<(
             .map(|s| s.shared.metrics.peer_links_up.get())
             .sum::<i64>()
     };
-    eventually("links up", || total() == links).await;
+    wait_until("links up", WAIT, async || total() == links).await;
     clients
 }
 
@@ -153,7 +141,7 @@ async fn identical_payloads_sent_twice_are_both_delivered_across_servers() {
     send_text(&mut clients[0].1, "same").await;
     send_text(&mut clients[0].1, "same").await;
     for (_, ws) in clients.iter_mut().skip(1) {
-        let got = collect(ws, 2).await;
+        let got = tally(ws, 2).await;
         assert_eq!(got.get("same"), Some(&2));
     }
 }
@@ -167,7 +155,7 @@ async fn a_restarted_server_gets_its_channel_history_back_from_its_peer() {
     for i in 0..10 {
         send_text(&mut clients[0].1, &format!("before restart {i}")).await;
     }
-    assert_eq!(collect(&mut clients[1].1, 10).await.len(), 10);
+    assert_eq!(tally(&mut clients[1].1, 10).await.len(), 10);
     drop(clients);
     sb.stop().await;
 
@@ -175,7 +163,7 @@ async fn a_restarted_server_gets_its_channel_history_back_from_its_peer() {
     let sb = peer_server("b", b, &[a], false).await;
     let mut first = join(sb.addr, "first", "keep").await;
     let shared = sb.shared.clone();
-    eventually("history back on b", || {
+    wait_until("history back on b", WAIT, async || {
         shared
             .hub
             .channel("keep")
@@ -185,7 +173,7 @@ async fn a_restarted_server_gets_its_channel_history_back_from_its_peer() {
     .await;
     drop(first.close(None).await);
     let mut late = join(sb.addr, "late", "keep").await;
-    let got = collect(&mut late, 10).await;
+    let got = tally(&mut late, 10).await;
     let expected: HashMap<String, usize> = (0..10)
         .map(|i| (format!("before restart {i}"), 1))
         .collect();
@@ -199,16 +187,16 @@ async fn a_peer_that_is_down_at_start_is_linked_when_it_comes_up() {
     let mut early = join(sa.addr, "early", "late-peer").await;
     send_text(&mut early, "sent while b was down").await;
     let shared = sa.shared.clone();
-    eventually("a failed to reach b", || {
+    wait_until("a failed to reach b", WAIT, async || {
         shared.metrics.peer_link_failures.get() >= 1
     })
     .await;
     let sb = peer_server("b", b, &[], false).await;
     let mut on_b = join(sb.addr, "on-b", "late-peer").await;
-    let got = collect(&mut on_b, 1).await;
+    let got = tally(&mut on_b, 1).await;
     assert_eq!(got.get("sent while b was down"), Some(&1));
     send_text(&mut on_b, "reply").await;
-    assert_eq!(collect(&mut early, 1).await.get("reply"), Some(&1));
+    assert_eq!(tally(&mut early, 1).await.get("reply"), Some(&1));
 }
 
 #[tokio::test]
@@ -228,9 +216,12 @@ async fn links_close_after_the_grace_period_when_no_local_client_is_left() {
     let clients = clients_on(&[&sa], "brief", 1).await;
     drop(clients);
     let shared = sa.shared.clone();
-    eventually("link closed", || shared.metrics.peer_links_up.get() == 0).await;
+    wait_until("link closed", WAIT, async || {
+        shared.metrics.peer_links_up.get() == 0
+    })
+    .await;
     let shared_b = sb.shared.clone();
-    eventually("peer member left b", || {
+    wait_until("peer member left b", WAIT, async || {
         shared_b.hub.channel("brief").map(|c| c.member_count()) == Some(0)
     })
     .await;
@@ -267,25 +258,26 @@ async fn authenticated_peer_links_are_not_held_to_the_per_address_limit() {
         on_a.push(join_keyed(sa.addr, &format!("w{i}"), &format!("ch{i}"), KEY).await);
     }
     let shared = sb.shared.clone();
-    eventually("the reader and three links joined b", || {
+    wait_until("the reader and three links joined b", WAIT, async || {
         shared.metrics.joins.get() == 4
     })
     .await;
     send_text(&mut on_a[0], "over the link").await;
-    let got = collect(&mut on_b, 1).await;
+    let got = tally(&mut on_b, 1).await;
     assert_eq!(got, HashMap::from([("over the link".to_string(), 1)]));
     // Clients are still held to it: with the reader, one more fits and then no more.
     let _second = join_keyed(sb.addr, "second", "ch1", KEY).await;
-    let mut third = tokio::net::TcpStream::connect(sb.addr).await.unwrap();
-    let _ = third
-        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    let third = http_client::Http::plain()
+        .try_send(
+            http::Method::GET,
+            sb.addr,
+            "/health",
+            &[("host", "localhost")],
+            b"",
+        )
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(WAIT, third.read_to_end(&mut answer))
-        .await
-        .expect("closed in time");
-    assert!(
-        answer.is_empty(),
-        "a third connection from one address got in"
-    );
+    match third {
+        Ok(reply) => panic!("a third connection from one address got in: {reply:?}"),
+        Err(e) => assert!(!e.is_timeout(), "not closed in time: {e:?}"),
+    }
 }

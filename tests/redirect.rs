@@ -6,36 +6,17 @@ mod common;
 use std::net::SocketAddr;
 
 use mles::server::{redirect_response, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Status code and Location header of the answer to a raw HTTP request.
-async fn ask(addr: SocketAddr, request: &str) -> (u16, Option<String>) {
-    let exchange = async {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(request.as_bytes()).await.unwrap();
-        let mut reply = Vec::new();
-        tcp.read_to_end(&mut reply).await.unwrap();
-        String::from_utf8(reply).unwrap()
-    };
-    let reply = tokio::time::timeout(common::WAIT, exchange)
-        .await
-        .expect("the redirect listener answers in time");
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {reply:?}"));
-    let location = reply
-        .lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| l.strip_prefix("location: "))
-        .map(str::to_string);
-    (status, location)
-}
-
-fn get(host: &str, path: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+/// Status code and Location header of the answer to GET `path` with `Host: host`.
+async fn ask(addr: SocketAddr, host: &str, path: &str) -> (u16, Option<String>) {
+    let reply = common::http_client::Http::plain()
+        .get_host(addr, host, path)
+        .await;
+    (
+        reply.status.as_u16(),
+        reply.header("location").map(str::to_string),
+    )
 }
 
 #[tokio::test]
@@ -52,7 +33,7 @@ async fn configured_hosts_are_sent_to_https_with_path_and_query_and_others_get_4
     }));
 
     assert_eq!(
-        ask(redirect, &get("mles.test", "/room/a?x=1&y=%20")).await,
+        ask(redirect, "mles.test", "/room/a?x=1&y=%20").await,
         (
             301,
             Some(format!("https://mles.test:{https_port}/room/a?x=1&y=%20"))
@@ -60,16 +41,15 @@ async fn configured_hosts_are_sent_to_https_with_path_and_query_and_others_get_4
     );
     // The Host header's port is dropped and its case folded.
     assert_eq!(
-        ask(redirect, &get("Chat.MLES.test:80", "/")).await,
+        ask(redirect, "Chat.MLES.test:80", "/").await,
         (301, Some(format!("https://chat.mles.test:{https_port}/")))
     );
-    assert_eq!(ask(redirect, &get("evil.example", "/")).await, (404, None));
-    assert_eq!(ask(redirect, &get("127.0.0.1", "/")).await, (404, None));
-    assert_eq!(
-        ask(redirect, "GET / HTTP/1.0\r\n\r\n").await,
-        (404, None),
-        "no Host header"
-    );
+    assert_eq!(ask(redirect, "evil.example", "/").await, (404, None));
+    assert_eq!(ask(redirect, "127.0.0.1", "/").await, (404, None));
+    // Raw on purpose: an HTTP client always sends a Host header.
+    let no_host = common::http_client::raw_exchange(redirect, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(no_host.status, 404, "no Host header");
+    assert!(!no_host.head.contains("location:"), "{}", no_host.head);
 
     let _ = stop.send(());
     tokio::time::timeout(common::WAIT, running)

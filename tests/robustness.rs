@@ -53,11 +53,11 @@ async fn a_reader_that_stops_reading_is_dropped_and_nobody_else_waits() {
     assert_eq!(recv_text(&mut elsewhere_b).await, "hello");
 
     let shared = server.shared.clone();
-    eventually("the stalled member is cut off", || {
+    wait_until("the stalled member is cut off", WAIT, async || {
         shared.metrics.slow_consumers.get() == 1
     })
     .await;
-    eventually("the stalled member left", || {
+    wait_until("the stalled member left", WAIT, async || {
         shared.hub.channel("busy").unwrap().member_count() == 2
     })
     .await;
@@ -102,7 +102,8 @@ async fn a_frame_over_the_size_limit_closes_that_connection_with_1009() {
 #[tokio::test]
 async fn garbage_bytes_are_dropped_and_the_server_carries_on() {
     let server = start().await;
-    // Garbage instead of HTTP.
+    // Raw sockets on purpose throughout: no client library sends garbage, or garbage
+    // after an upgrade. Garbage instead of HTTP.
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -153,7 +154,7 @@ async fn a_silent_client_is_dropped_after_missed_pings_while_a_live_one_stays() 
         expect_nothing_but_history(&mut live, Duration::from_millis(1500)).await;
         live
     });
-    eventually("silent member dropped", || {
+    wait_until("silent member dropped", WAIT, async || {
         shared.hub.channel("pings").unwrap().member_count() == 1
     })
     .await;
@@ -182,6 +183,7 @@ async fn expect_nothing_but_history(ws: &mut Ws, quiet: Duration) {
 #[tokio::test]
 async fn a_half_open_tcp_connection_is_dropped_by_the_handshake_timeout() {
     let server = start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    // A raw socket on purpose: the request is never finished.
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: local")
         .await

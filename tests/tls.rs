@@ -171,6 +171,7 @@ async fn a_client_that_never_starts_tls_is_dropped_after_the_handshake_timeout()
     let mut config = tls_config(TlsConfig::SelfSigned);
     config.handshake_timeout = Duration::from_secs(1);
     let server = common::start_config(config).await;
+    // A raw socket on purpose: it never starts TLS.
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
@@ -203,7 +204,8 @@ async fn tls_1_2_and_1_3_are_spoken_and_older_versions_are_refused() {
         assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     }
-    // A ClientHello that offers at most TLS 1.1 is answered with a protocol_version alert.
+    // A ClientHello that offers at most TLS 1.1 is answered with a protocol_version alert
+    // (written by hand: rustls cannot offer TLS 1.1).
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
     tcp.write_all(&tls11_client_hello()).await.unwrap();
     let mut reply = Vec::new();

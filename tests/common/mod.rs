@@ -1,6 +1,10 @@
 //! Test harness: a real server on an ephemeral loopback port, and a WebSocket client that
-//! talks to it as Mles clients do. Every receive is bounded by a timeout.
+//! talks to it as Mles clients do. Every receive is bounded by a timeout. Tests wait for
+//! events with [`wait_until`] (never a fixed sleep), read many frames with [`collect`], and
+//! speak HTTP through [`http_client`].
 #![allow(dead_code)]
+
+pub mod http_client;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -134,7 +138,7 @@ pub async fn join(addr: SocketAddr, uid: &str, channel: &str) -> Ws {
 pub async fn join_now(server: &TestServer, uid: &str, channel: &str) -> Ws {
     let ws = join(server.addr, uid, channel).await;
     let shared = server.shared.clone();
-    eventually("the join taken", || {
+    wait_until("the join taken", WAIT, async || {
         shared
             .hub
             .channel(channel)
@@ -232,15 +236,85 @@ pub async fn expect_nothing<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Polls `cond` until it holds or [`WAIT`] passes.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
+/// How long [`collect`] keeps reading after it has what it wanted: duplicates (or frames
+/// that should not come at all) would arrive within it. A quiet time is the behaviour under
+/// test here, not a wait for something.
+pub const DUPLICATE_QUIET: Duration = Duration::from_millis(700);
+
+/// Reads data frames until `want` have arrived (join frames, which start with '{', are
+/// skipped), failing if `limit` passes or the connection closes first, then reads on for
+/// [`DUPLICATE_QUIET`] (or until the server closes the connection) so that duplicates
+/// would show. Returns the data frames in arrival order.
+pub async fn collect<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    want: usize,
+    limit: Duration,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while got.len() < want {
+        match next_text_before(ws, deadline).await {
+            Next::Text(text) if text.starts_with('{') => {}
+            Next::Text(text) => got.push(text),
+            Next::Quiet => panic!("only {} of {want} frames arrived: {got:?}", got.len()),
+            Next::Ended(how) => panic!("{how} after {} of {want} frames: {got:?}", got.len()),
+        }
+    }
+    let quiet = tokio::time::Instant::now() + DUPLICATE_QUIET;
+    while let Next::Text(text) = next_text_before(ws, quiet).await {
+        if !text.starts_with('{') {
+            got.push(text);
+        }
+    }
+    got
+}
+
+enum Next {
+    Text(String),
+    /// The deadline passed.
+    Quiet,
+    /// A close frame, the end of the stream, or an error.
+    Ended(String),
+}
+
+/// The next text frame before `deadline` (pings skipped); any other data frame panics.
+async fn next_text_before<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    deadline: tokio::time::Instant,
+) -> Next {
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Next::Quiet,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Text(text)))) => return Next::Text(text.to_string()),
+            Ok(Some(Ok(Message::Close(frame)))) => return Next::Ended(format!("closed {frame:?}")),
+            Ok(None) => return Next::Ended("connection ended".into()),
+            Ok(Some(Err(e))) => return Next::Ended(format!("receive error {e}")),
+            Ok(Some(Ok(other))) => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// How often [`wait_until`] checks its condition.
+pub const STEP: Duration = Duration::from_millis(20);
+
+/// Checks `cond` every [`STEP`] until it holds, failing the test with `what` once `limit`
+/// has passed. The one way tests wait for something to happen: the condition is the event
+/// itself (a counter, a member, a file's content, a port answering), never a fixed sleep.
+/// An async condition is bounded by the same deadline.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, cond()).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out after {limit:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(STEP).await;
     }
 }
 
@@ -305,13 +379,9 @@ pub async fn spawn_binary(port: u16, args: &[&std::ffi::OsStr]) -> Process {
             .expect("mles binary starts"),
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the server to listen", WAIT, async || {
+        TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
     process
 }

@@ -115,7 +115,10 @@ async fn a_client_posing_as_a_peer_cannot_suppress_real_frames_with_forged_envel
     let mut alice = join_keyed(sa.addr, "alice", "ch").await;
     let mut bob = join_keyed(sb.addr, "bob", "ch").await;
     let shared = sa.shared.clone();
-    eventually("a's link up", || shared.metrics.peer_links_up.get() == 1).await;
+    wait_until("a's link up", WAIT, async || {
+        shared.metrics.peer_links_up.get() == 1
+    })
+    .await;
     send_text(&mut alice, "first").await;
     assert_eq!(texts(&mut bob, 1, WAIT).await, vec!["first"]);
 
@@ -197,7 +200,7 @@ async fn a_client_posing_as_a_peer_is_held_to_every_client_limit() {
         held.push(fake_peer(server.addr, &format!("p{i}"), &format!("c{i}")).await);
     }
     let shared = server.shared.clone();
-    eventually("the joins settled", || {
+    wait_until("the joins settled", WAIT, async || {
         shared.metrics.connections_open.get() <= 5
     })
     .await;
@@ -216,7 +219,7 @@ async fn a_client_posing_as_a_peer_cannot_inject_someone_elses_join_or_hide_its_
     };
     let _ = futures::SinkExt::send(&mut mallory, Message::binary(forged.encode())).await;
     let shared = server.shared.clone();
-    eventually("mallory's connection handled", || {
+    wait_until("mallory's connection handled", WAIT, async || {
         shared.metrics.joins.get()
             + shared.metrics.render().matches("bad_first_frames").count() as u64
             >= 1
@@ -252,7 +255,7 @@ async fn a_client_holding_a_peer_servers_uid_does_not_break_the_link() {
     // The squatter takes a's server id as its uid on b before a links.
     let _squatter = join_keyed(sb.addr, "a", "ch").await;
     let shared_b = sb.shared.clone();
-    eventually("the squatter joined", || {
+    wait_until("the squatter joined", WAIT, async || {
         shared_b
             .hub
             .channel("ch")
@@ -262,7 +265,10 @@ async fn a_client_holding_a_peer_servers_uid_does_not_break_the_link() {
     let mut alice = join_keyed(sa.addr, "alice", "ch").await;
     let mut bob = join_keyed(sb.addr, "bob", "ch").await;
     let shared_a = sa.shared.clone();
-    eventually("a's link up", || shared_a.metrics.peer_links_up.get() == 1).await;
+    wait_until("a's link up", WAIT, async || {
+        shared_a.metrics.peer_links_up.get() == 1
+    })
+    .await;
     for i in 0..5 {
         send_text(&mut alice, &format!("m{i}")).await;
     }

@@ -11,12 +11,12 @@ use proptest::prelude::*;
 use super::*;
 
 /// One record's worth: origin, sequence number, live, and a text or binary payload.
-type Record = (String, u64, bool, Message);
+type Record = (String, u64, bool, Frame);
 
 fn record() -> impl Strategy<Value = Record> {
     let payload = prop_oneof![
-        ".{0,60}".prop_map(Message::text),
-        prop::collection::vec(any::<u8>(), 0..120).prop_map(Message::binary),
+        ".{0,60}".prop_map(Frame::text),
+        prop::collection::vec(any::<u8>(), 0..120).prop_map(Frame::binary),
     ];
     (
         // Origins are a server id (printable ASCII) and a boot epoch in practice; any UTF-8
@@ -34,13 +34,14 @@ fn write_log(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
     let mut ends = Vec::new();
     for (origin, seq, live, msg) in records {
         let entry = Entry {
+            seq: *seq,
             from: 0,
             live: *live,
             key: MsgKey {
                 origin: Arc::from(origin.as_str()),
                 seq: *seq,
             },
-            msg: msg.clone(),
+            frame: msg.clone(),
         };
         encode(&entry, &mut data);
         ends.push(data.len());

@@ -26,7 +26,7 @@ pub enum TlsMode {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "mles",
-    version,
+    version = crate::version::LONG,
     about = "Mles v2 pub/sub relay over TLS WebSockets"
 )]
 pub struct Args {
@@ -270,6 +270,15 @@ pub struct Args {
     /// on the main listener answers loopback clients only.
     #[arg(long = "metrics-bind", env = "MLES_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
+    /// Log line format on stderr: text, or json (one object per line with time, level,
+    /// target, message and fields). Levels come from RUST_LOG (default info).
+    #[arg(
+        long = "log-format",
+        env = "MLES_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Validated settings the server runs with.
@@ -305,6 +314,8 @@ pub struct Config {
     pub peer_envelopes: bool,
     /// The NATS JetStream backplane, with `--nats`.
     pub nats: Option<crate::nats::NatsConfig>,
+    /// How log lines are written (read by main before logging starts).
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Clone, Debug)]
@@ -516,6 +527,7 @@ impl Config {
             server_id,
             peer_envelopes: !args.plain_peer_protocol,
             nats,
+            log_format: args.log_format,
         })
     }
 

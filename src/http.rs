@@ -17,6 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response as WarpResponse;
 use warp::Filter;
 
+use crate::logging::Notable;
 use crate::protocol::{PEER_HEADER, PEER_VERSION, SUBPROTOCOL};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
@@ -169,9 +170,10 @@ fn refuse(
     code: StatusCode,
     reason: &'static str,
     metric: &'static str,
+    client: Option<SocketAddr>,
 ) -> WarpResponse {
     shared.metrics.refused(metric);
-    debug!("refused upgrade: {reason}");
+    crate::logging::notable(Notable::ConnectionRefused, metric, reason, client);
     let mut response = Response::new(format!("{reason}\n"));
     *response.status_mut() = code;
     response.map(Into::into)
@@ -185,6 +187,7 @@ fn upgrade(
     permit: Arc<crate::server::Permit>,
     shutdown: Shutdown,
 ) -> WarpResponse {
+    let client = peer_addr(&req);
     let headers = req.headers();
     if req.method() != Method::GET || !header_has_token(headers, header::CONNECTION, "upgrade") {
         return refuse(
@@ -192,6 +195,7 @@ fn upgrade(
             StatusCode::BAD_REQUEST,
             "malformed WebSocket upgrade",
             "bad_upgrade",
+            client,
         );
     }
     if headers
@@ -204,6 +208,7 @@ fn upgrade(
             StatusCode::UPGRADE_REQUIRED,
             "WebSocket version 13 required",
             "bad_upgrade",
+            client,
         );
         response.headers_mut().insert(
             header::SEC_WEBSOCKET_VERSION,
@@ -217,6 +222,7 @@ fn upgrade(
             StatusCode::BAD_REQUEST,
             "Sec-WebSocket-Key missing",
             "bad_upgrade",
+            client,
         );
     };
     if !offers_subprotocol(headers) {
@@ -225,6 +231,7 @@ fn upgrade(
             StatusCode::BAD_REQUEST,
             "subprotocol mles-websocket required",
             "subprotocol",
+            client,
         );
     }
     let accept = derive_accept_key(key.as_bytes());
@@ -242,7 +249,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                crate::session::run(ws, shared, shutdown, peer, &permit).await;
+                crate::session::run(ws, shared, shutdown, peer, &permit, client).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod nats;
 pub mod peer;
@@ -20,6 +21,7 @@ pub mod shutdown;
 pub mod static_files;
 pub mod store;
 pub mod tls;
+pub mod version;
 
 use std::net::SocketAddr;
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use log::{debug, info, warn};
+use log::{debug, warn};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,6 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::hub::{Entry, Member, MemberKind, MsgKey};
 use crate::limits::MessageRate;
+use crate::logging::{notable, Notable};
 use crate::protocol::{self, close, Envelope, EnvelopeKind};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
@@ -114,13 +115,14 @@ impl End {
 
 /// Runs one upgraded connection until it ends. `peer` is set when the client is a server
 /// of this kind that asked for enveloped frames; `permit` is the connection's place under
-/// the connection limits.
+/// the connection limits; `client` is the remote address, for the log.
 pub async fn run<S>(
     mut ws: WebSocketStream<S>,
     shared: Arc<Shared>,
     mut shutdown: Shutdown,
     peer: bool,
     permit: &crate::server::Permit,
+    client: Option<std::net::SocketAddr>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -148,7 +150,12 @@ pub async fn run<S>(
     let join = match join {
         Ok(join) => join,
         Err(refusal) => {
-            debug!("refused join: {}", refusal.reason);
+            notable(
+                Notable::JoinRefused,
+                refusal.metric,
+                &refusal.reason,
+                client,
+            );
             shared.metrics.bad_first_frame(refusal.metric);
             send_close(&mut ws, refusal.code, &refusal.reason).await;
             return;
@@ -194,6 +201,7 @@ pub async fn run<S>(
                 JoinError::TooManyChannels => ("too_many_channels", close::TRY_AGAIN_LATER),
             };
             shared.metrics.bad_first_frame(metric);
+            notable(Notable::JoinRefused, metric, &e.to_string(), client);
             send_close(&mut ws, code, &e.to_string()).await;
             return;
         }
@@ -202,9 +210,18 @@ pub async fn run<S>(
     debug!("{} joined {}", join.uid, join.channel);
     let end = serve_member(ws, &member, &shared, shutdown, mode).await;
     match &end {
-        End::SlowConsumer(_) => {
+        End::SlowConsumer(why) => {
             shared.metrics.slow_consumers.inc();
-            info!("{} on {}: disconnected, {:?}", join.uid, join.channel, end);
+            notable(Notable::SlowConsumer, "slow_consumer", why, client);
+        }
+        End::RateLimited | End::ChannelLimit | End::TooBig => {
+            let reason = match end {
+                End::RateLimited => "message_rate",
+                End::ChannelLimit => "channel_messages",
+                _ => "message_size",
+            };
+            let detail = end.close_frame().map_or("", |(_, why)| why);
+            notable(Notable::LimitHit, reason, detail, client);
         }
         End::Error(e) => debug!("{} on {}: {e}", join.uid, join.channel),
         _ => debug!("{} on {}: {:?}", join.uid, join.channel, end),

@@ -229,7 +229,10 @@ fn version_names_the_tls_and_acme_backends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_joins_and_connections_are_one_info_line_each_with_reason_and_address() {
     let key = "operator-key-7f3a";
-    let server = Mles::start(&[], &[("MLES_KEY", key)]);
+    let server = Mles::start(
+        &["--message-rate", "3", "--message-window", "60"],
+        &[("MLES_KEY", key)],
+    );
     // The start line names the version and backends.
     server.wait_for("the version line", |l| {
         l.contains("INFO") && l.contains(&format!("mles {}", mles::version::LONG))
@@ -281,6 +284,27 @@ async fn refused_joins_and_connections_are_one_info_line_each_with_reason_and_ad
     server.wait_for("the subprotocol refusal", |l| {
         l.contains(&format!(
             "refused connection from {plain_client}: subprotocol mles-websocket required"
+        ))
+    });
+
+    // A limit hit: a fourth message in the window closes the client.
+    let (mut chatty, chatty_client) = join_as(
+        server.addr(),
+        "chatty",
+        "chat",
+        Some(&token("chatty", "chat", key)),
+    )
+    .await;
+    for _ in 0..4 {
+        send_text(&mut chatty, "blah").await;
+    }
+    assert_eq!(
+        expect_close(&mut chatty).await,
+        (1008, "message rate limit exceeded".to_string())
+    );
+    server.wait_for("the rate-limit line", |l| {
+        l.contains(&format!(
+            "closed {chatty_client} (limit): message rate limit exceeded"
         ))
     });
 

@@ -407,9 +407,13 @@ impl Config {
         if mode != TlsMode::Files && (args.cert.is_some() || args.key.is_some()) {
             return bad(format!("--cert/--key do not go with --tls {mode:?}").to_lowercase());
         }
-        // Without domains a local server still needs a host to serve static files for.
+        // Without domains a local server answers on every loopback name, from the
+        // `localhost` folder, with a self-signed certificate naming each of them.
         let domains = if domains.is_empty() {
-            vec!["localhost".to_string()]
+            crate::static_files::LOOPBACK_NAMES
+                .iter()
+                .map(|name| name.to_string())
+                .collect()
         } else {
             domains
         };
@@ -532,7 +536,7 @@ impl Config {
     }
 
     /// A configuration for tests and embedding: plain WebSocket on an ephemeral loopback
-    /// port, serving `wwwroot` for `localhost`.
+    /// port, serving `wwwroot` for the loopback names.
     pub fn local(wwwroot: impl Into<PathBuf>) -> Config {
         let args = Args::parse_from(["mles", "--tls", "off", "--port", "0", "--bind", "127.0.0.1"]);
         let mut config = Config::from_args(
@@ -589,7 +593,7 @@ mod tests {
         assert!(matches!(c.tls, TlsConfig::Acme { .. }));
         let c = parse(&[]).unwrap();
         assert!(matches!(c.tls, TlsConfig::SelfSigned));
-        assert_eq!(c.domains, vec!["localhost"]);
+        assert_eq!(c.domains, vec!["localhost", "127.0.0.1", "::1"]);
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub fn init(format: LogFormat) -> Result<(), InitError> {
 }
 
 /// One record as a JSON object (without the newline).
-pub fn json_line(time: &str, record: &Record<'_>) -> String {
+fn json_line(time: &str, record: &Record<'_>) -> String {
     let mut object = serde_json::Map::new();
     object.insert("time".into(), time.into());
     object.insert("level".into(), record.level().as_str().into());
@@ -239,7 +239,7 @@ struct Happened {
 
 /// A line to log: an event and how many more like it it stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Line {
+struct Line {
     event: Notable,
     reason: &'static str,
     happened: Happened,
@@ -248,7 +248,7 @@ pub struct Line {
 
 impl Line {
     /// The message of the log line.
-    pub fn message(&self) -> String {
+    fn message(&self) -> String {
         let client = self
             .happened
             .client
@@ -403,9 +403,10 @@ impl Folder {
     }
 }
 
-/// Whether records of `level` from `target` pass the secret cap (for tests and
-/// diagnostics; the installed logger applies it to every record).
-pub fn passes_cap(target: &str, level: Level) -> bool {
+/// Whether records of `level` from `target` pass the secret cap (the installed logger
+/// applies it to every record).
+#[cfg(test)]
+fn passes_cap(target: &str, level: Level) -> bool {
     allowed(&Metadata::builder().target(target).level(level).build())
 }
 

@@ -26,7 +26,7 @@ pub enum TlsMode {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "mles",
-    version,
+    version = crate::version::LONG,
     about = "Mles v2 pub/sub relay over TLS WebSockets"
 )]
 pub struct Args {
@@ -282,6 +282,15 @@ pub struct Args {
         conflicts_with = "metrics_bind"
     )]
     pub metrics_on_main: bool,
+    /// Log line format on stderr: text, or json (one object per line with time, level,
+    /// target, message and fields). Levels come from RUST_LOG (default info).
+    #[arg(
+        long = "log-format",
+        env = "MLES_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// The secrets, read only from the environment (never flags, never logged).
@@ -350,6 +359,8 @@ pub struct Config {
     pub peer_envelopes: bool,
     /// The NATS JetStream backplane, with `--nats`.
     pub nats: Option<crate::nats::NatsConfig>,
+    /// How log lines are written (read by main before logging starts).
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Clone, Debug)]
@@ -441,9 +452,13 @@ impl Config {
         if mode != TlsMode::Files && (args.cert.is_some() || args.key.is_some()) {
             return bad(format!("--cert/--key do not go with --tls {mode:?}").to_lowercase());
         }
-        // Without domains a local server still needs a host to serve static files for.
+        // Without domains a local server answers on every loopback name, from the
+        // `localhost` folder, with a self-signed certificate naming each of them.
         let domains = if domains.is_empty() {
-            vec!["localhost".to_string()]
+            crate::static_files::LOOPBACK_NAMES
+                .iter()
+                .map(|name| name.to_string())
+                .collect()
         } else {
             domains
         };
@@ -588,11 +603,12 @@ impl Config {
             server_id,
             peer_envelopes: !args.plain_peer_protocol,
             nats,
+            log_format: args.log_format,
         })
     }
 
     /// A configuration for tests and embedding: plain WebSocket on an ephemeral loopback
-    /// port, serving `wwwroot` for `localhost`.
+    /// port, serving `wwwroot` for the loopback names.
     pub fn local(wwwroot: impl Into<PathBuf>) -> Config {
         let args = Args::parse_from(["mles", "--tls", "off", "--port", "0", "--bind", "127.0.0.1"]);
         let mut config = Config::from_args(
@@ -652,7 +668,7 @@ mod tests {
         assert!(matches!(c.tls, TlsConfig::Acme { .. }));
         let c = parse(&[]).unwrap();
         assert!(matches!(c.tls, TlsConfig::SelfSigned));
-        assert_eq!(c.domains, vec!["localhost"]);
+        assert_eq!(c.domains, vec!["localhost", "127.0.0.1", "::1"]);
     }
 
     #[test]

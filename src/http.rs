@@ -14,6 +14,7 @@ use log::debug;
 use warp::reply::Response as WarpResponse;
 use warp::Filter;
 
+use crate::logging::Notable;
 use crate::protocol::{
     self, PeerRole, PEER_CHALLENGE_HEADER, PEER_HEADER, PEER_NONCE_HEADER, PEER_PROOF_HEADER,
     PEER_VERSION, SUBPROTOCOL,
@@ -168,9 +169,10 @@ fn refuse(
     code: StatusCode,
     reason: &'static str,
     metric: &'static str,
+    client: Option<SocketAddr>,
 ) -> WarpResponse {
     shared.metrics.refused(metric);
-    debug!("refused upgrade: {reason}");
+    crate::logging::notable(Notable::ConnectionRefused, metric, reason, client);
     let mut response = Response::new(format!("{reason}\n"));
     *response.status_mut() = code;
     response.map(Into::into)
@@ -183,6 +185,7 @@ fn upgrade(
     shared: Arc<Shared>,
     permit: Arc<crate::limits::Permit>,
 ) -> WarpResponse {
+    let client = peer_addr(&req);
     let headers = req.headers();
     if req.method() != Method::GET || !header_has_token(headers, header::CONNECTION, "upgrade") {
         return refuse(
@@ -190,6 +193,7 @@ fn upgrade(
             StatusCode::BAD_REQUEST,
             "malformed WebSocket upgrade",
             "bad_upgrade",
+            client,
         );
     }
     if headers
@@ -202,6 +206,7 @@ fn upgrade(
             StatusCode::UPGRADE_REQUIRED,
             "WebSocket version 13 required",
             "bad_upgrade",
+            client,
         );
         response.headers_mut().insert(
             header::SEC_WEBSOCKET_VERSION,
@@ -215,6 +220,7 @@ fn upgrade(
             StatusCode::BAD_REQUEST,
             "Sec-WebSocket-Key missing",
             "bad_upgrade",
+            client,
         );
     };
     if !offers_subprotocol(headers) {
@@ -223,6 +229,7 @@ fn upgrade(
             StatusCode::BAD_REQUEST,
             "subprotocol mles-websocket required",
             "subprotocol",
+            client,
         );
     }
     let accept = crate::websocket::accept_key(key.as_bytes());
@@ -234,7 +241,6 @@ fn upgrade(
         None => (None, None),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let peer = peer_addr(&req);
     let sessions = shared.sessions.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -248,7 +254,7 @@ fn upgrade(
                         (io, bytes::Bytes::new())
                     }
                 };
-                crate::session::run(io, leftover, sessions, challenge, permit, peer).await;
+                crate::session::run(io, leftover, sessions, challenge, permit, client).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }

@@ -12,6 +12,7 @@ pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod nats;
 pub mod peer;
@@ -24,6 +25,7 @@ pub mod static_files;
 pub mod store;
 pub mod sweeper;
 pub mod tls;
+pub mod version;
 pub mod websocket;
 
 use std::net::SocketAddr;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Flags come first, since they choose the log format; a bad flag is one line on stderr
+    // and exit status 2 either way.
     let config = match mles::config::Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -11,6 +12,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = mles::logging::init(config.log_format) {
+        eprintln!("mles: {e}");
+        return ExitCode::FAILURE;
+    }
+    log::info!("mles {}", mles::version::LONG);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::http::{self, Handler};
 use crate::hub::{Hub, Recorder};
 use crate::limits::{IpConnections, IpRateLimiter, Permit};
+use crate::logging::Notable;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
 use crate::shutdown::{self, Shutdown, Trigger};
@@ -83,7 +84,8 @@ impl Shared {
     fn admit(&self, peer: SocketAddr, connections: &Arc<Semaphore>, which: &str) -> Option<Permit> {
         let refuse = |reason: &'static str, why: &str| {
             self.metrics.refused(reason);
-            debug!("refused {peer} on the {which} listener: {why}");
+            let detail = format!("{why} ({which} listener)");
+            crate::logging::notable(Notable::ConnectionRefused, reason, &detail, Some(peer));
         };
         if !self.ip_limiter.as_ref().is_none_or(|l| l.admit(peer.ip())) {
             refuse("ip_rate", "over the per-address connection rate");

@@ -21,13 +21,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use log::{debug, info};
+use log::debug;
 
 use crate::budget::{Budget, Need, Reservation};
 use crate::connection::{Connection, Event, Flow, ReadError, ReadStop};
 use crate::frame::{Frame, FrameKind};
 use crate::hub::{Entry, Hub, JoinError, Member, MemberKind, MsgKey};
 use crate::limits::{MessageRate, Permit};
+use crate::logging::{notable, Notable};
 use crate::metrics::Metrics;
 use crate::protocol::{self, close, Envelope, EnvelopeKind, PeerKey, PeerRole};
 use crate::sweeper::{self, Expiry, Registration, Sweeper};
@@ -187,12 +188,11 @@ pub async fn run(
     let registration = sessions.sweeper.register();
     let config = &sessions.config;
     let mut conn = Connection::new(io, Role::Server, config.max_message_size, leftover);
-    let who = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
     let join = match read_join(&mut conn, &registration, &sessions).await {
         Ok(Some(join)) => join,
         Ok(None) => return,
         Err(refusal) => {
-            debug!("{who}: refused join: {}", refusal.reason);
+            notable(Notable::JoinRefused, refusal.metric, &refusal.reason, addr);
             sessions.metrics.bad_first_frame(refusal.metric);
             closing(&mut conn, refusal.code, &refusal.reason).await;
             return;
@@ -213,7 +213,7 @@ pub async fn run(
     if let Some(refusal) = refused {
         sessions.metrics.auth_failures.inc();
         sessions.metrics.bad_first_frame(refusal.metric);
-        debug!("{who}: refused join: {}", refusal.reason);
+        notable(Notable::JoinRefused, refusal.metric, &refusal.reason, addr);
         closing(&mut conn, refusal.code, &refusal.reason).await;
         return;
     }
@@ -261,7 +261,7 @@ pub async fn run(
                 JoinError::MessageLimit => ("message_limit", close::POLICY),
             };
             sessions.metrics.bad_first_frame(metric);
-            debug!("{who}: refused join: {e}");
+            notable(Notable::JoinRefused, metric, &e.to_string(), addr);
             closing(&mut conn, code, &e.to_string()).await;
             return;
         }
@@ -273,21 +273,25 @@ pub async fn run(
     debug!("{} joined {}", join.uid, join.channel);
     let end = serve(&mut conn, &member, &sessions, &registration, mode).await;
     drop(member);
+    let detail = end.close_frame().map(|(_, why)| why).unwrap_or_default();
     match &end {
         End::SlowConsumer | End::Expired(Expiry::WriteStalled) => {
             sessions.metrics.slow_consumers.inc();
-            info!(
-                "{} on {} ({who}): disconnected, {:?}",
-                join.uid, join.channel, end
-            );
+            notable(Notable::SlowConsumer, "slow_consumer", &detail, addr);
         }
         End::RateLimited => {
             sessions.metrics.rate_limited.inc();
+            notable(Notable::LimitHit, "message_rate", &detail, addr);
         }
+        End::ChannelLimit => notable(Notable::LimitHit, "channel_messages", &detail, addr),
         End::Protocol(ProtocolError::TooBig) => {
             sessions.metrics.oversize_messages.inc();
+            notable(Notable::LimitHit, "message_size", &detail, addr);
         }
-        End::OutOfMemory => sessions.metrics.budget_refused("frame"),
+        End::OutOfMemory => {
+            sessions.metrics.budget_refused("frame");
+            notable(Notable::LimitHit, "memory", &detail, addr);
+        }
         _ => debug!("{} on {}: {:?}", join.uid, join.channel, end),
     }
     match end.close_frame() {

@@ -1,6 +1,7 @@
 //! Static files per domain: `GET /path` with `Host: example.org` reads
-//! `<wwwroot>/example.org/path`. Only configured domains are served, and nothing outside
-//! the domain's folder can be read: every path segment is decoded and checked, and the
+//! `<wwwroot>/example.org/path` (the loopback addresses `127.0.0.1` and `[::1]` read
+//! `<wwwroot>/localhost/`). Only configured domains are served, and nothing outside the
+//! domain's folder can be read: every path segment is decoded and checked, and the
 //! resolved file must still lie inside the folder after symlinks are followed.
 //!
 //! Text-like files are sent compressed when the client accepts it (see
@@ -18,6 +19,22 @@ use crate::compression::{self, StaticCache, Version};
 
 /// Files larger than this are refused rather than read into memory.
 const MAX_FILE: u64 = 64 * 1024 * 1024;
+
+/// The names a local server answers to when no domains are configured, as [`host_name`]
+/// gives them: `https://localhost/`, `https://127.0.0.1/` and `https://[::1]/` all serve
+/// the `localhost` folder.
+pub const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// The folder under wwwroot that serves `host`: its own name, except that the loopback
+/// addresses share `localhost`'s (a folder cannot be called `::1` everywhere, and one
+/// local site should not need three copies).
+pub fn site_folder(host: &str) -> &str {
+    if LOOPBACK_NAMES.contains(&host) {
+        "localhost"
+    } else {
+        host
+    }
+}
 
 /// The lowercased host of a Host header value, without its port.
 pub fn host_name(host: &str) -> String {
@@ -68,7 +85,7 @@ pub async fn serve(
     let Some(segments) = safe_segments(raw_path) else {
         return status(StatusCode::NOT_FOUND);
     };
-    let site = root.join(&host);
+    let site = root.join(site_folder(&host));
     match resolve(&site, &segments).await {
         Resolved::File {
             path,
@@ -235,6 +252,15 @@ mod tests {
         assert_eq!(host_name("localhost"), "localhost");
         assert_eq!(host_name("[::1]:443"), "::1");
         assert_eq!(host_name("example.org."), "example.org");
+    }
+
+    #[test]
+    fn loopback_addresses_share_the_localhost_folder() {
+        assert_eq!(site_folder(&host_name("127.0.0.1:8443")), "localhost");
+        assert_eq!(site_folder(&host_name("[::1]:8443")), "localhost");
+        assert_eq!(site_folder(&host_name("LOCALHOST")), "localhost");
+        assert_eq!(site_folder(&host_name("example.org")), "example.org");
+        assert_eq!(site_folder(&host_name("127.0.0.2")), "127.0.0.2");
     }
 
     #[test]

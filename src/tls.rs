@@ -148,7 +148,9 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> ServerConfig {
     config
 }
 
-/// A certificate made now for `domains`, valid for local use.
+/// A certificate made now for `domains`, valid for local use. Names that are IP
+/// addresses (`127.0.0.1`, `::1`) become IP-address SANs, the others DNS-name SANs, so
+/// clients that trust the certificate accept it for every one of them.
 pub fn self_signed(domains: &[String]) -> Result<CertifiedKey, Error> {
     let generated = rcgen::generate_simple_self_signed(domains.to_vec())
         .map_err(|e| Error::Tls(format!("making self-signed certificate: {e}")))?;

@@ -431,6 +431,10 @@ fn spawn_browser(
 struct PageReport {
     status: String,
     state: String,
+    /// The member list as shown ("alice", "web (you)").
+    members: Vec<String>,
+    /// The websocat command the footer prints.
+    command: String,
     log: Vec<(String, String)>,
 }
 
@@ -444,6 +448,13 @@ fn parse_reports(stdout: &str) -> Vec<PageReport> {
             reports.push(PageReport {
                 status: status.to_string(),
                 state: v["state"].as_str().expect("state").to_string(),
+                members: v["members"]
+                    .as_array()
+                    .expect("members")
+                    .iter()
+                    .map(|m| m.as_str().expect("member").to_string())
+                    .collect(),
+                command: v["command"].as_str().expect("command").to_string(),
                 log: Vec::new(),
             });
         } else {
@@ -575,10 +586,32 @@ async fn browser_chat_page_over_https_talks_with_websocat() {
             ("binary", "[binary 6 bytes]"),
         ])
     );
+    assert_eq!(report.members, ["cli", "web (you)"]);
     assert_png(&shot);
     cli.expect_quiet(Duration::from_millis(200)).await;
     let (status, stderr) = cli.finish().await;
     assert!(status.success(), "websocat failed: {status}; {stderr}");
+
+    // The footer's command works as printed (against the self-signed certificate, so
+    // with -k): run it, type the join line it suggests, get the channel's history.
+    assert_eq!(
+        report.command,
+        format!("websocat -k --protocol mles-websocket {ws_url}")
+    );
+    let args: Vec<&str> = report.command.split_whitespace().skip(1).collect();
+    let mut footer = Websocat::spawn("footer", &args);
+    footer
+        .send_line(r#"{"uid":"me","channel":"web-room"}"#)
+        .await;
+    footer
+        .expect_line(r#"{"uid":"cli","channel":"web-room"}"#)
+        .await;
+    footer.expect_line("early line from websocat").await;
+    let (status, stderr) = footer.finish().await;
+    assert!(
+        status.success(),
+        "the footer's websocat failed: {status}; {stderr}"
+    );
     server.stop().await;
 }
 
@@ -655,6 +688,7 @@ async fn browser_chat_page_shows_refusals_and_signs_in_with_a_shared_key() {
         reports[0].log,
         entries(&[("error", "Connection refused (1008: authentication failed)")])
     );
+    assert!(reports[0].members.is_empty(), "{:?}", reports[0].members);
     let report = &reports[1];
     assert_eq!(report.state, "connected");
     assert_eq!(report.status, "connected to #keyed as web");
@@ -667,6 +701,7 @@ async fn browser_chat_page_shows_refusals_and_signs_in_with_a_shared_key() {
             ("message", "cli: welcome"),
         ])
     );
+    assert_eq!(report.members, ["cli", "web (you)"]);
     assert_png(&refused_shot);
     assert_png(&shot);
 
@@ -678,7 +713,9 @@ async fn browser_chat_page_shows_refusals_and_signs_in_with_a_shared_key() {
     ))
     .await;
     late.expect_line(&join_frame("cli", "keyed")).await;
-    late.expect_line(&join_frame("web", "keyed")).await;
+    // The page asks for presence notices; the flag stays in its join frame.
+    late.expect_line(r#"{"uid":"web","channel":"keyed","presence":true}"#)
+        .await;
     late.expect_line(r#"{"uid":"web","message":"signed in"}"#)
         .await;
     late.expect_line(r#"{"uid":"cli","message":"welcome"}"#)
@@ -686,6 +723,98 @@ async fn browser_chat_page_shows_refusals_and_signs_in_with_a_shared_key() {
     late.expect_quiet(Duration::from_millis(200)).await;
     late.finish().await;
     let (status, stderr) = cli.finish().await;
+    assert!(status.success(), "websocat failed: {status}; {stderr}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn browser_chat_page_lists_members_once_and_follows_presence() {
+    let server = start_tls(None).await;
+    let port = server.addr.port();
+    let ws_url = format!("wss://localhost:{port}/");
+    let args = ["-k", "--protocol", "mles-websocket", ws_url.as_str()];
+    let alice_join = r#"{"uid":"alice","channel":"crowd"}"#;
+    let has = |uid: &'static str| {
+        let shared = server.shared.clone();
+        move || {
+            shared
+                .hub
+                .channel("crowd")
+                .is_some_and(|c| c.has_member(uid))
+        }
+    };
+
+    // alice joins, leaves and comes back: the server keeps only her latest join frame.
+    let mut alice = Websocat::spawn("alice", &args);
+    alice.send_line(alice_join).await;
+    let present = has("alice");
+    wait_until("alice joined", WAIT, async || present()).await;
+    alice.finish().await;
+    wait_until("alice gone", WAIT, async || !present()).await;
+    let mut alice = Websocat::spawn("alice again", &args);
+    alice.send_line(alice_join).await;
+    wait_until("alice back", WAIT, async || present()).await;
+    wait_for_history(&server, "crowd", 1).await;
+
+    let shot = artifacts_dir().join("chat-members.png");
+    let _ = std::fs::remove_file(&shot);
+    let shot_arg = shot.to_string_lossy().into_owned();
+    let page_url = format!("https://localhost:{port}/?uid=web&channel=crowd&autojoin=1");
+    let (mut browser, mut guard) = spawn_browser(
+        &[
+            "--goto",
+            &page_url,
+            "--wait-status",
+            "connected",
+            "--wait-member",
+            "alice",
+            // bob comes while the page watches: a presence notice puts him on the list...
+            "--wait-member",
+            "bob",
+            "--send",
+            "hi bob",
+            // ...and one takes him off when he goes.
+            "--wait-no-member",
+            "bob",
+            "--wait-log",
+            "bob left",
+            "--screenshot",
+            &shot_arg,
+            "--print",
+        ],
+        &[],
+    );
+    let reports = with_browser(&mut browser, &mut guard, async {
+        let web = has("web");
+        wait_until("the page joined", WAIT, async || web()).await;
+        let mut bob = Websocat::spawn("bob", &args);
+        bob.send_line(r#"{"uid":"bob","channel":"crowd"}"#).await;
+        bob.expect_line(alice_join).await;
+        bob.expect_line(r#"{"uid":"web","channel":"crowd","presence":true}"#)
+            .await;
+        bob.expect_line(r#"{"uid":"web","message":"hi bob"}"#).await;
+        let (status, stderr) = bob.finish().await;
+        assert!(status.success(), "websocat failed: {status}; {stderr}");
+    })
+    .await;
+
+    assert_eq!(reports.len(), 1);
+    let report = &reports[0];
+    assert_eq!(report.status, "connected to #crowd as web");
+    assert_eq!(
+        report.log,
+        entries(&[
+            ("system", "You joined #crowd as web"),
+            // Once in history (the server keeps a uid's latest join), once on the page.
+            ("join", "alice joined"),
+            ("join", "bob joined"),
+            ("mine", "web: hi bob"),
+            ("leave", "bob left"),
+        ])
+    );
+    assert_eq!(report.members, ["alice", "web (you)"]);
+    assert_png(&shot);
+    let (status, stderr) = alice.finish().await;
     assert!(status.success(), "websocat failed: {status}; {stderr}");
     server.stop().await;
 }

@@ -20,11 +20,11 @@ fn unit_text() -> String {
 fn unit_for_built_binary() -> (tempfile::TempDir, PathBuf) {
     let text = unit_text();
     assert!(
-        text.contains("ExecStart=/usr/local/bin/mles "),
-        "ExecStart runs /usr/local/bin/mles"
+        text.contains("ExecStart=/usr/bin/mles "),
+        "ExecStart runs /usr/bin/mles"
     );
     let text = text.replace(
-        "ExecStart=/usr/local/bin/mles ",
+        "ExecStart=/usr/bin/mles ",
         &format!("ExecStart={} ", env!("CARGO_BIN_EXE_mles")),
     );
     let dir = tempfile::tempdir().expect("temp dir");
@@ -135,7 +135,8 @@ fn unit_has_the_settings_the_server_needs() {
         ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
         ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
         ("StateDirectory", "mles"),
-        ("ExecStart", "/usr/local/bin/mles --cache /var/lib/mles"),
+        ("ExecStart", "/usr/bin/mles --cache /var/lib/mles"),
+        ("Environment", "MLES_WWWROOT=/usr/share/mles/static"),
         ("EnvironmentFile", "-/etc/mles/mles.env"),
         ("Restart", "on-failure"),
         ("KillSignal", "SIGTERM"),

@@ -11,9 +11,13 @@
 //   --wait-status TEXT      wait until the status pill's text contains TEXT
 //   --send TEXT             type TEXT into the message box and press Send
 //   --wait-log TEXT         wait until some log entry's text contains TEXT
+//   --wait-member UID       wait until UID is in the member list
+//   --wait-no-member UID    wait until UID is not in the member list
 //   --screenshot PATH       save a PNG of the page
-//   --print                 print the status and every log entry as JSON lines on stdout:
-//                           {"status": "...", "state": "..."} then {"kind": "...", "text": "..."}
+//   --print                 print the status, the member list, the footer's websocat command
+//                           and every log entry as JSON lines on stdout:
+//                           {"status": "...", "state": "...", "members": [...], "command": "..."}
+//                           then {"kind": "...", "text": "..."} per entry
 //
 // Every wait is bounded (STEP_TIMEOUT_MS); the whole run is bounded (TOTAL_TIMEOUT_MS).
 // Exit 0 when every step passed; otherwise 1, with the reason and the page's log on stderr, and a
@@ -32,7 +36,8 @@ const TOTAL_TIMEOUT_MS = 90_000;
 function parseSteps(argv) {
   const arity = {
     "--goto": 1, "--fill": 2, "--fill-env": 2, "--click": 1, "--wait-status": 1,
-    "--send": 1, "--wait-log": 1, "--screenshot": 1, "--print": 0,
+    "--send": 1, "--wait-log": 1, "--wait-member": 1, "--wait-no-member": 1,
+    "--screenshot": 1, "--print": 0,
   };
   const steps = [];
   for (let i = 0; i < argv.length; ) {
@@ -50,6 +55,8 @@ async function pageState(page) {
   return page.evaluate(() => ({
     status: document.getElementById("status").textContent,
     state: document.getElementById("status").dataset.state,
+    members: [...document.querySelectorAll("#member-list li")].map((li) => li.textContent),
+    command: document.getElementById("ws-command").textContent,
     log: [...document.querySelectorAll("#log li")].map((li) => ({
       kind: li.dataset.kind,
       text: li.textContent,
@@ -127,13 +134,29 @@ async function run(steps) {
             { timeout: STEP_TIMEOUT_MS, polling: 50 },
           );
           break;
+        case "--wait-member":
+        case "--wait-no-member":
+          await page.waitForFunction(
+            ([want, present]) =>
+              [...document.querySelectorAll("#member-list li")].some(
+                (li) => li.dataset.uid === want,
+              ) === present,
+            [args[0], name === "--wait-member"],
+            { timeout: STEP_TIMEOUT_MS, polling: 50 },
+          );
+          break;
         case "--screenshot":
           mkdirSync(dirname(args[0]), { recursive: true });
           await page.screenshot({ path: args[0], fullPage: true });
           break;
         case "--print": {
           const state = await pageState(page);
-          console.log(JSON.stringify({ status: state.status, state: state.state }));
+          console.log(JSON.stringify({
+            status: state.status,
+            state: state.state,
+            members: state.members,
+            command: state.command,
+          }));
           for (const entry of state.log) console.log(JSON.stringify(entry));
           break;
         }
@@ -144,6 +167,7 @@ async function run(steps) {
       try {
         const state = await pageState(page);
         console.error(`page status: ${state.status}`);
+        console.error(`page members: ${state.members.join(", ")}`);
         for (const entry of state.log) console.error(`page log: [${entry.kind}] ${entry.text}`);
         if (failureShot) {
           mkdirSync(dirname(failureShot), { recursive: true });

@@ -27,6 +27,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::frame::Frame;
+
 /// Share of the budget that growth must leave free for those already served (1/8).
 pub const HEADROOM: usize = 8;
 
@@ -209,6 +211,27 @@ impl AsRef<[u8]> for Charged {
     fn as_ref(&self) -> &[u8] {
         &self.data
     }
+}
+
+/// `frame`, charged to `budget` (whatever the total) for as long as any of its bytes are
+/// held: for frames whose buffers were made elsewhere (loaded from disk, received from
+/// NATS) and must count like the rest.
+pub fn charge_frame(budget: &Arc<Budget>, frame: Frame) -> Frame {
+    struct Held {
+        data: Bytes,
+        _charge: Reservation,
+    }
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+    let kind = frame.kind();
+    let data = Bytes::from_owner(Held {
+        data: frame.data().clone(),
+        _charge: budget.charge(frame.len()),
+    });
+    Frame::new(kind, data).unwrap_or(frame)
 }
 
 /// Parses a size like `512M`, `2G`, `1500000`, `64K` (powers of 1024; an optional `B` or

@@ -22,6 +22,7 @@ use crate::protocol::{
 use crate::server::Shared;
 use crate::session::PeerChallenge;
 use crate::static_files;
+use crate::write_deadline::WriteDeadline;
 
 /// The client's address, set as a request extension by the connection that read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,15 +79,12 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
                     if method != Method::GET && method != Method::HEAD {
                         return static_files::status(StatusCode::METHOD_NOT_ALLOWED);
                     }
-                    let config = &shared.config;
                     static_files::serve(
-                        &config.wwwroot,
-                        &config.domains,
+                        &shared.site,
                         host.as_deref(),
                         path.as_str(),
                         method == Method::HEAD,
                         accept_encoding.as_deref(),
-                        &shared.static_cache,
                     )
                     .await
                 }
@@ -247,8 +245,10 @@ fn upgrade(
             Ok(upgraded) => {
                 // Back to the connection's own stream (and what was read past the request),
                 // so the session reads it without hyper's layer in between.
-                let (io, leftover) = match upgraded.downcast::<TokioIo<crate::tls::BoxedIo>>() {
-                    Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+                type Io = WriteDeadline<crate::tls::BoxedIo>;
+                let (io, leftover) = match upgraded.downcast::<TokioIo<Io>>() {
+                    // The session keeps its own deadlines.
+                    Ok(parts) => (parts.io.into_inner().into_inner(), parts.read_buf),
                     Err(upgraded) => {
                         let io: crate::tls::BoxedIo = Box::pin(TokioIo::new(upgraded));
                         (io, bytes::Bytes::new())

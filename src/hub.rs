@@ -198,6 +198,10 @@ pub trait Recorder: Send + Sync {
     fn record(&self, channel: &Arc<Channel>, entry: &Entry);
     /// The channel was dropped from the hub for good; its stored history can go.
     fn forget(&self, channel: Arc<str>);
+    /// The stored history of `channel`, oldest first (blocking: call off the runtime).
+    fn load(&self, _channel: &str) -> Vec<(MsgKey, bool, Frame)> {
+        Vec::new()
+    }
 }
 
 /// Where a parked task waits: for frames, or (a paused publisher) for readers to catch up.
@@ -468,7 +472,13 @@ impl Channel {
             key,
             frame,
         };
-        if let Some(recorder) = self.hub.recorder.get().filter(|_| !ring.retired) {
+        // Restored entries came from the recorder; everything else goes to it.
+        if let Some(recorder) = self
+            .hub
+            .recorder
+            .get()
+            .filter(|_| !ring.retired && from != RESTORED)
+        {
             recorder.record(self, &entry);
         }
         if !live {
@@ -718,6 +728,33 @@ impl Hub {
         let chan = Arc::new(Channel::new(name.clone(), self.shared.clone(), charge));
         channels.insert(name, chan.clone());
         Ok(chan)
+    }
+
+    /// Brings `channel`'s history back from disk if it is not in memory (after a restart,
+    /// or after its history was dropped for memory): the file is read off the runtime,
+    /// keeping only what history needs. Call before joining.
+    pub async fn prepare(&self, channel: &str) {
+        let Some(recorder) = self.shared.recorder.get().cloned() else {
+            return;
+        };
+        if self.channel(channel).is_some() {
+            return;
+        }
+        let name = channel.to_string();
+        let loaded = tokio::task::spawn_blocking(move || recorder.load(&name)).await;
+        let entries = loaded.unwrap_or_default();
+        if entries.is_empty() {
+            return;
+        }
+        let mut channels = self.channels();
+        // Someone made the channel meanwhile: what is on disk stays there.
+        if channels.contains_key(channel) {
+            return;
+        }
+        if let Ok(chan) = self.admit(&mut channels, channel) {
+            drop(channels);
+            chan.restore(entries);
+        }
     }
 
     /// Waits until the backplane, if any, has brought `channel`'s shared history in, so

@@ -27,6 +27,7 @@ pub mod sweeper;
 pub mod tls;
 pub mod version;
 pub mod websocket;
+pub mod write_deadline;
 
 use std::net::SocketAddr;
 

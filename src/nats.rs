@@ -640,6 +640,7 @@ async fn session(
         tokio::time::timeout(SETUP_TIMEOUT, subscribe(nats, shared, &subject))
             .await
             .map_err(|_| format!("no answer from JetStream in {SETUP_TIMEOUT:?}"))??;
+    shared.hub.prepare(&link.name).await;
     let mut member = shared
         .hub
         .join(&link.name, LINK_UID, MemberKind::Peer, None)
@@ -679,6 +680,7 @@ async fn session(
             }
             match decode(&message.headers, &message.payload) {
                 Some((key, live, frame)) => {
+                    let frame = crate::budget::charge_frame(&shared.budget, frame);
                     member.relay(key, live, frame);
                 }
                 None => debug!("skipping a message on {subject} without Mles headers"),

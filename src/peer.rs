@@ -154,6 +154,7 @@ async fn run_link(peers: &Peers, shared: &Arc<Shared>, channel: &Arc<Channel>, i
         }
         match connect(peers, shared, url, channel.name()).await {
             Ok((mut conn, envelopes)) => {
+                sessions.hub.prepare(channel.name()).await;
                 let name = format!("to {url}");
                 let member = match sessions
                     .hub

@@ -27,6 +27,7 @@ use crate::session::Sessions;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::sweeper::Sweeper;
 use crate::tls::{self, Acceptor};
+use crate::write_deadline::WriteDeadline;
 use crate::Error;
 
 /// How long shutdown waits for connections to close before exiting anyway.
@@ -49,8 +50,10 @@ pub struct Shared {
     pub budget: Arc<Budget>,
     pub sessions: Arc<Sessions>,
     pub shutdown: Shutdown,
-    /// Compressed static files.
-    pub static_cache: crate::compression::StaticCache,
+    /// Static files and the cache of their compressed bodies.
+    pub site: crate::static_files::Site,
+    /// The compressed-file cache's share of the memory budget, set aside at start.
+    _static_cache_share: Option<crate::budget::Reservation>,
     acceptor: Arc<Acceptor>,
     /// History on disk, with `--cache`.
     pub store: Option<Arc<crate::store::Store>>,
@@ -204,7 +207,8 @@ impl Server {
         });
         let store = match &config.cache {
             Some(cache) => {
-                let store = crate::store::Store::open(cache, &hub, &metrics)?;
+                let store =
+                    crate::store::Store::open(cache, &config.hub, &metrics, budget.clone())?;
                 hub.set_recorder(store.clone());
                 Some(store)
             }
@@ -213,10 +217,16 @@ impl Server {
         let shared = Arc::new(Shared {
             hub,
             metrics,
-            budget,
+            budget: budget.clone(),
             sessions,
             store,
-            static_cache: crate::compression::StaticCache::new(config.static_cache_bytes),
+            site: crate::static_files::Site {
+                root: config.wwwroot.clone(),
+                domains: config.domains.clone(),
+                cache: crate::compression::StaticCache::new(config.static_cache_bytes),
+                budget: budget.clone(),
+            },
+            _static_cache_share: Some(budget.charge(config.static_cache_bytes)),
             config,
             shutdown,
             acceptor: acceptor.clone(),
@@ -432,7 +442,10 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
         .max_buf_size(MAX_REQUEST_HEAD)
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection(
+            TokioIo::new(WriteDeadline::new(io, shared.config.session.write_timeout)),
+            service,
+        )
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {

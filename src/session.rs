@@ -223,6 +223,8 @@ pub async fn run(
     if peer {
         permit.release_ip_place();
     }
+    // History on disk comes back first, if the channel is not in memory.
+    sessions.hub.prepare(&join.channel).await;
     // A backplane with shared history (NATS) brings it into the channel first, so a
     // client joining here gets the cluster's history too. The backplane bounds the wait.
     if !peer {

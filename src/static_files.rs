@@ -5,20 +5,37 @@
 //! resolved file must still lie inside the folder after symlinks are followed.
 //!
 //! Text-like files are sent compressed when the client accepts it (see
-//! [`crate::compression`]), from a cache of compressed bodies.
+//! [`crate::compression`]), from a cache of compressed bodies. Everything else streams
+//! from disk in [`CHUNK`]-sized pieces, so a client that asks for a large file and reads
+//! nothing makes the server hold one chunk, not the file; compressing a file first
+//! reserves its size from the memory budget, and without the memory the file is sent as
+//! it is.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use percent_encoding::percent_decode_str;
+use tokio::io::AsyncReadExt;
 use warp::reply::Response as WarpResponse;
+use warp::Reply;
 
+use crate::budget::{Budget, Need};
 use crate::compression::{self, StaticCache, Version};
 
-/// Files larger than this are refused rather than read into memory.
-const MAX_FILE: u64 = 64 * 1024 * 1024;
+/// Bytes read from disk per piece of a streamed file.
+pub const CHUNK: usize = 16 * 1024;
+
+/// What static files are served from: the root, the domains, the cache of compressed
+/// bodies and the memory budget compressing is charged to.
+pub struct Site {
+    pub root: PathBuf,
+    pub domains: Vec<String>,
+    pub cache: StaticCache,
+    pub budget: Arc<Budget>,
+}
 
 /// The names a local server answers to when no domains are configured, as [`host_name`]
 /// gives them: `https://localhost/`, `https://127.0.0.1/` and `https://[::1]/` all serve
@@ -68,25 +85,23 @@ pub fn safe_segments(raw_path: &str) -> Option<Vec<String>> {
 
 /// Answers a GET or HEAD for a static file, compressed as `accept_encoding` allows.
 pub async fn serve(
-    root: &Path,
-    domains: &[String],
+    site: &Site,
     host: Option<&str>,
     raw_path: &str,
     head: bool,
     accept_encoding: Option<&str>,
-    cache: &StaticCache,
 ) -> WarpResponse {
     let Some(host) = host.map(host_name) else {
         return status(StatusCode::NOT_FOUND);
     };
-    if !domains.contains(&host) {
+    if !site.domains.contains(&host) {
         return status(StatusCode::NOT_FOUND);
     }
     let Some(segments) = safe_segments(raw_path) else {
         return status(StatusCode::NOT_FOUND);
     };
-    let site = root.join(site_folder(&host));
-    match resolve(&site, &segments).await {
+    let folder = site.root.join(site_folder(&host));
+    match resolve(&folder, &segments).await {
         Resolved::File {
             path,
             len,
@@ -94,7 +109,7 @@ pub async fn serve(
             index,
         } if !index || raw_path.ends_with('/') => {
             let version = Version { modified, len };
-            file_response(&path, version, head, accept_encoding, cache).await
+            file_response(&path, version, head, accept_encoding, site).await
         }
         Resolved::File { .. } => {
             // Relative links in an index page need the trailing slash.
@@ -151,7 +166,7 @@ async fn resolve(site: &Path, segments: &[String]) -> Resolved {
         };
         meta = m;
     }
-    if meta.is_file() && meta.len() <= MAX_FILE {
+    if meta.is_file() {
         Resolved::File {
             path: real,
             len: meta.len(),
@@ -168,7 +183,7 @@ async fn file_response(
     version: Version,
     head: bool,
     accept_encoding: Option<&str>,
-    cache: &StaticCache,
+    site: &Site,
 ) -> WarpResponse {
     let mime = mime_guess::from_path(path).first_or_octet_stream();
     let content_type = match mime.type_() {
@@ -185,21 +200,30 @@ async fn file_response(
         None
     };
     // A cached compressed body needs no file read at all.
-    let mut coded = encoding.and_then(|e| match cache.get(path, e, version) {
+    let mut coded = encoding.and_then(|e| match site.cache.get(path, e, version) {
         Some(compression::Cached::Body(b)) => Some((e, b)),
         _ => None,
     });
-    let mut body = Bytes::new();
-    if coded.is_none() && (encoding.is_some() || !head) {
-        body = match tokio::fs::read(path).await {
-            Ok(body) => Bytes::from(body),
-            Err(_) => return status(StatusCode::NOT_FOUND),
-        };
-        // Compress only what matches the version the cache is keyed by; a file that changed
-        // between stat and read is sent as read.
-        if let Some(e) = encoding.filter(|_| body.len() as u64 == version.len) {
-            if let Some(b) = cache.compressed(path, e, version, body.clone()).await {
-                coded = Some((e, b));
+    if coded.is_none() {
+        // Compressing reads the whole file: only with the memory for it.
+        let reserved = encoding.and_then(|e| {
+            Some((
+                e,
+                site.budget
+                    .try_reserve(version.len as usize, Need::Growth)?,
+            ))
+        });
+        if let Some((e, _reservation)) = reserved {
+            let body = match tokio::fs::read(path).await {
+                Ok(body) => Bytes::from(body),
+                Err(_) => return status(StatusCode::NOT_FOUND),
+            };
+            // Compress only what matches the version the cache is keyed by; a file that
+            // changed between stat and read is sent as it is now.
+            if body.len() as u64 == version.len {
+                if let Some(b) = site.cache.compressed(path, e, version, body).await {
+                    coded = Some((e, b));
+                }
             }
         }
     }
@@ -209,24 +233,54 @@ async fn file_response(
     if compressible {
         response = response.header(header::VARY, "Accept-Encoding");
     }
-    let body = match coded {
-        Some((e, b)) => {
-            response = response.header(header::CONTENT_ENCODING, e.token());
-            b
+    if let Some((e, body)) = coded {
+        let len = body.len();
+        let body = if head { Bytes::new() } else { body };
+        return response
+            .header(header::CONTENT_ENCODING, e.token())
+            .header(header::CONTENT_LENGTH, len)
+            .body(body)
+            .expect("valid response")
+            .map(Into::into);
+    }
+    let response = response.header(header::CONTENT_LENGTH, version.len);
+    if head {
+        return response
+            .body(Bytes::new())
+            .expect("valid response")
+            .map(Into::into);
+    }
+    let file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(_) => return status(StatusCode::NOT_FOUND),
+    };
+    let (parts, ()) = response.body(()).expect("valid response").into_parts();
+    let mut streamed = warp::reply::stream(chunks(file, version.len)).into_response();
+    *streamed.headers_mut() = parts.headers;
+    streamed
+}
+
+/// The first `len` bytes of `file` in pieces of at most [`CHUNK`], read as the client
+/// takes them.
+fn chunks(
+    file: tokio::fs::File,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
+    futures::stream::unfold((file, len), |(mut file, left)| async move {
+        if left == 0 {
+            return None;
         }
-        None => body,
-    };
-    let len = if body.is_empty() && head {
-        version.len
-    } else {
-        body.len() as u64
-    };
-    let body = if head { Bytes::new() } else { body };
-    response
-        .header(header::CONTENT_LENGTH, len)
-        .body(body)
-        .expect("valid response")
-        .map(Into::into)
+        let mut buf = vec![0u8; CHUNK.min(left as usize)];
+        match file.read(&mut buf).await {
+            // The file got shorter since it was measured: end here.
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), (file, left - n as u64)))
+            }
+            Err(e) => Some((Err(e), (file, 0))),
+        }
+    })
 }
 
 pub fn status(code: StatusCode) -> WarpResponse {

@@ -1,13 +1,24 @@
 //! Channel history on disk, so a restart — graceful or `kill -9` — brings it back.
 //!
-//! One append-only log per channel under `<cache>/history/`, named by the channel name in
-//! hex. Each record is `len:u32le crc32:u32le body`, body = `live:u8 kind:u8 origin_len:u8
-//! origin seq:u64le payload`; the CRC covers the body. The hub hands every stored frame to
-//! [`Store::record`], which only queues it (never blocks); a writer task appends, flushes
-//! every [`FLUSH_EVERY`] and fsyncs every [`SYNC_EVERY`]. A log that grows past twice the
-//! history limit is rewritten from the channel's current history (write to a temporary
-//! file, fsync, rename). Loading stops at the first record that is truncated or fails its
-//! checksum, logs it, and keeps what came before; a file that cannot be read is skipped.
+//! One append-only log per channel under `<cache>/history/`, named by a hash of the channel
+//! name (any valid name fits a file name, however long) and beginning with a record that
+//! holds the full name. Each record is `len:u32le crc32:u32le body`; the CRC covers the
+//! body. The first record's body is `"MLESNAME" name`; every other body is `live:u8 kind:u8
+//! origin_len:u8 origin seq:u64le payload`.
+//!
+//! The hub hands every stored frame to [`Store::record`], which only queues it (never
+//! blocks); a writer thread appends, flushes every [`FLUSH_EVERY`] and fsyncs every
+//! [`SYNC_EVERY`]. A log that grows past twice the history limit is rewritten with only
+//! its last `--limit` records (write to a temporary file, fsync, rename); the count of a
+//! log's records survives closing it (it is counted again when reopened), so the bound
+//! holds across idle closes and restarts.
+//!
+//! Nothing is loaded at start: a channel's history is read when the channel is next used
+//! ([`Store::load`], from [`Hub::prepare`](crate::hub::Hub::prepare)), streaming, keeping
+//! only the last `--limit` frames (and `--channel-bytes`), so a huge or hostile log costs
+//! time once, never memory. Loading stops at the first record that is truncated or fails
+//! its checksum, logs it, counts it (`history_corrupt_files`), keeps what came before, and
+//! rewrites the log without the damage.
 //!
 //! An append-only log with checksums was chosen over an embedded database because history
 //! is a bounded ring per channel: appends and a periodic rewrite are all it needs, and the
@@ -17,23 +28,24 @@
 //! survives the process being killed) within [`FLUSH_EVERY`], and on stable storage within
 //! [`SYNC_EVERY`]; if the disk falls so far behind that the queue of [`QUEUE`] records
 //! fills, further frames are not persisted and are counted in `history_persist_dropped`.
+//! Frames waiting in the queue are charged to the memory budget like any held frame.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::frame::{Frame, FrameKind};
 use bytes::Bytes;
 use log::{info, warn};
-use tokio::sync::mpsc;
-
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::oneshot;
+use sha2::Digest;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::{Channel, Entry, Hub, MsgKey, Recorder};
+use crate::budget::{charge_frame, Budget};
+use crate::frame::{Frame, FrameKind};
+use crate::hub::{Channel, Entry, HubConfig, MsgKey, Recorder};
 use crate::metrics::Metrics;
 
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -43,25 +55,33 @@ pub const QUEUE: usize = 65_536;
 /// Largest record accepted when loading; anything larger is corruption.
 const MAX_RECORD: usize = 256 * 1024 * 1024;
 
+/// How a log's first record starts.
+const NAME_MAGIC: &[u8; 8] = b"MLESNAME";
+
+/// Logs idle this long are closed, so open files stay bounded by busy channels.
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
+
 enum Op {
-    Append(Arc<Channel>, Entry),
+    Append(Arc<str>, Entry),
     Forget(Arc<str>),
     Sync(oneshot::Sender<()>),
 }
 
 /// The persistence side of the hub.
 pub struct Store {
+    dir: PathBuf,
+    limit: usize,
+    max_bytes: usize,
     tx: mpsc::Sender<Op>,
     dropped: Counter,
+    corrupt: Counter,
+    budget: Arc<Budget>,
 }
 
 impl Recorder for Store {
     fn record(&self, channel: &Arc<Channel>, entry: &Entry) {
-        if self
-            .tx
-            .try_send(Op::Append(channel.clone(), entry.clone()))
-            .is_err()
-        {
+        let name: Arc<str> = Arc::from(channel.name());
+        if self.tx.try_send(Op::Append(name, entry.clone())).is_err() {
             self.dropped.inc();
         }
     }
@@ -69,76 +89,78 @@ impl Recorder for Store {
     fn forget(&self, channel: Arc<str>) {
         let _ = self.tx.try_send(Op::Forget(channel));
     }
+
+    fn load(&self, channel: &str) -> Vec<(MsgKey, bool, Frame)> {
+        let path = log_path(&self.dir, channel);
+        let log = match read_log(&path, self.limit, self.max_bytes) {
+            Ok(log) => log,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                warn!(
+                    "history of '{channel}': cannot read {}: {e}",
+                    path.display()
+                );
+                self.corrupt.inc();
+                return Vec::new();
+            }
+        };
+        if let Some(offset) = log.damaged_at {
+            warn!(
+                "history of '{channel}': {} damaged at byte {offset}; kept the records before it",
+                path.display()
+            );
+            self.corrupt.inc();
+        }
+        if log.damaged_at.is_some() || log.records > 2 * self.limit {
+            // Start compact and without the damage.
+            if let Err(e) = rewrite(&path, channel, log.entries.iter()) {
+                warn!("rewriting history of '{channel}': {e}");
+            }
+        }
+        // Held from now on like any frame: charged to the budget, whatever the total.
+        log.entries
+            .into_iter()
+            .map(|(key, live, frame)| (key, live, charge_frame(&self.budget, frame)))
+            .collect()
+    }
 }
 
 impl Store {
-    /// Loads every channel's history from `cache` into `hub`, then starts the writer
-    /// thread. Connect the result with [`Hub::set_recorder`].
-    pub fn open(cache: &Path, hub: &Hub, metrics: &Metrics) -> io::Result<Arc<Store>> {
+    /// Opens the history directory under `cache` (moving logs of an earlier format to the
+    /// current one), then starts the writer thread. Connect the result with
+    /// [`crate::hub::Hub::set_recorder`].
+    pub fn open(
+        cache: &Path,
+        config: &HubConfig,
+        metrics: &Metrics,
+        budget: Arc<Budget>,
+    ) -> io::Result<Arc<Store>> {
         let dir = cache.join("history");
         fs::create_dir_all(&dir)?;
-        let mut writer = Writer {
+        let limit = config.history_limit;
+        let max_bytes = config.channel_bytes;
+        migrate(&dir, limit, max_bytes, &metrics.history_corrupt_files);
+        let writer = Writer {
             dir: dir.clone(),
-            limit: hub.config().history_limit,
-            max_bytes: hub.config().channel_bytes,
+            limit,
+            max_bytes,
             logs: HashMap::new(),
-            tails: HashMap::new(),
+            failed: HashMap::new(),
             buf: Vec::new(),
         };
-        let mut loaded = 0;
-        for file in fs::read_dir(&dir)? {
-            let path = file?.path();
-            let Some(name) = channel_name(&path) else {
-                continue;
-            };
-            match load(&path) {
-                Ok((entries, corrupt)) => {
-                    if let Some(offset) = corrupt {
-                        warn!(
-                            "history of '{name}': {} damaged at byte {offset}; kept the {} records before it",
-                            path.display(),
-                            entries.len()
-                        );
-                        metrics.history_corrupt_files.inc();
-                    }
-                    loaded += entries.len();
-                    let channel = match hub.channel_or_create(&name) {
-                        Ok(channel) => channel,
-                        Err(e) => {
-                            warn!("history of '{name}' not loaded: {e}");
-                            continue;
-                        }
-                    };
-                    channel.restore(entries);
-                    let history = channel.history();
-                    // Rewrite now, so a damaged tail is gone and the log starts compact.
-                    if let Err(e) = rewrite(&path, &history) {
-                        warn!("rewriting history of '{name}': {e}");
-                    }
-                    let bytes = history.iter().map(|e| e.frame.len()).sum();
-                    let tail = Tail {
-                        entries: history.into(),
-                        bytes,
-                    };
-                    writer.tails.insert(Arc::from(name.as_str()), tail);
-                }
-                Err(e) => {
-                    warn!("skipping unreadable history {}: {e}", path.display());
-                    metrics.history_corrupt_files.inc();
-                }
-            }
-        }
-        if loaded > 0 {
-            info!("loaded {loaded} history frames from {}", dir.display());
-        }
         let (tx, rx) = mpsc::channel(QUEUE);
         // A thread of its own: file I/O blocks, and it must not hold up runtime shutdown.
         std::thread::Builder::new()
             .name("mles-store".into())
             .spawn(move || write_loop(writer, rx))?;
         Ok(Arc::new(Store {
+            dir,
+            limit,
+            max_bytes,
             tx,
             dropped: metrics.history_persist_dropped.clone(),
+            corrupt: metrics.history_corrupt_files.clone(),
+            budget,
         }))
     }
 
@@ -151,13 +173,80 @@ impl Store {
     }
 }
 
-fn file_for(dir: &Path, channel: &str) -> PathBuf {
-    dir.join(format!("{}.log", hex::encode(channel)))
+/// The log file of `channel` under the history directory `dir`: a hash of the name, so
+/// every valid channel name (up to 256 bytes) fits a file name.
+pub fn log_path(dir: &Path, channel: &str) -> PathBuf {
+    let hash = sha2::Sha256::digest(channel.as_bytes());
+    dir.join(format!("{}.log", hex::encode(&hash[..16])))
 }
 
-fn channel_name(path: &Path) -> Option<String> {
-    let stem = path.file_name()?.to_str()?.strip_suffix(".log")?;
-    String::from_utf8(hex::decode(stem).ok()?).ok()
+/// Moves logs of the earlier format (named by the channel name in hex, no name record)
+/// to the current one, compacting them on the way. Unreadable ones are counted and left.
+fn migrate(dir: &Path, limit: usize, max_bytes: usize, corrupt: &Counter) {
+    let Ok(files) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut moved = 0;
+    for path in files.flatten().map(|f| f.path()) {
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+        else {
+            continue;
+        };
+        match first_record(&path) {
+            Ok(Some(body)) if body.starts_with(NAME_MAGIC) => continue,
+            Err(_) => continue,
+            _ => {}
+        }
+        let Some(name) = hex::decode(stem)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+        else {
+            continue;
+        };
+        let log = read_records(&path, limit, max_bytes, false);
+        match log {
+            Ok(log) if log.damaged_at.is_none() || !log.entries.is_empty() => {
+                if log.damaged_at.is_some() {
+                    warn!(
+                        "history of '{name}': {} damaged; kept the records before it",
+                        path.display()
+                    );
+                    corrupt.inc();
+                }
+                let target = log_path(dir, &name);
+                match rewrite(&target, &name, log.entries.iter()) {
+                    Ok(()) => {
+                        let _ = fs::remove_file(&path);
+                        moved += 1;
+                    }
+                    Err(e) => warn!("moving history of '{name}': {e}"),
+                }
+            }
+            _ => {
+                warn!("skipping unreadable history {}", path.display());
+                corrupt.inc();
+            }
+        }
+    }
+    if moved > 0 {
+        info!("moved {moved} history logs to the current format");
+    }
+}
+
+fn encode_record(body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+fn name_record(channel: &str, out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(NAME_MAGIC.len() + channel.len());
+    body.extend_from_slice(NAME_MAGIC);
+    body.extend_from_slice(channel.as_bytes());
+    encode_record(&body, out);
 }
 
 fn encode(entry: &Entry, out: &mut Vec<u8>) {
@@ -166,17 +255,19 @@ fn encode(entry: &Entry, out: &mut Vec<u8>) {
         FrameKind::Binary => 1,
     };
     let payload: &[u8] = entry.frame.data();
-    let origin = &entry.key.origin.as_bytes()[..entry.key.origin.len().min(255)];
+    encode_frame(&entry.key, entry.live, kind, payload, out);
+}
+
+fn encode_frame(key: &MsgKey, live: bool, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let origin = &key.origin.as_bytes()[..key.origin.len().min(255)];
     let mut body = Vec::with_capacity(3 + origin.len() + 8 + payload.len());
-    body.push(entry.live as u8);
+    body.push(live as u8);
     body.push(kind);
     body.push(origin.len() as u8);
     body.extend_from_slice(origin);
-    body.extend_from_slice(&entry.key.seq.to_le_bytes());
+    body.extend_from_slice(&key.seq.to_le_bytes());
     body.extend_from_slice(payload);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    encode_record(&body, out);
 }
 
 fn decode(body: &[u8]) -> Option<(MsgKey, bool, Frame)> {
@@ -195,53 +286,143 @@ fn decode(body: &[u8]) -> Option<(MsgKey, bool, Frame)> {
         1 => FrameKind::Binary,
         _ => return None,
     };
-    let msg = Frame::new(kind, payload)?;
+    let frame = Frame::new(kind, payload)?;
     let key = MsgKey {
         origin: Arc::from(origin),
         seq,
     };
-    Some((key, live != 0, msg))
+    Some((key, live != 0, frame))
 }
 
-type Loaded = (Vec<(MsgKey, bool, Frame)>, Option<usize>);
+/// What reading a log found.
+pub struct Log {
+    /// The channel name of its first record, if it has one.
+    pub name: Option<String>,
+    /// The last frames (at most the limit and the byte bound), oldest first.
+    pub entries: VecDeque<(MsgKey, bool, Frame)>,
+    /// Frame records read in all.
+    pub records: usize,
+    /// Offset of the first damaged record, if any.
+    pub damaged_at: Option<u64>,
+}
 
-/// Reads a log: its records, and the offset of the first damaged record, if any.
-fn load(path: &Path) -> io::Result<Loaded> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
-    let mut entries = Vec::new();
-    let mut at = 0;
-    while at < data.len() {
-        let record = (|| {
-            let header = data.get(at..at + 8)?;
-            let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
-            let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
-            if len > MAX_RECORD {
-                return None;
-            }
-            let body = data.get(at + 8..at + 8 + len)?;
-            if crc32fast::hash(body) != crc {
-                return None;
-            }
-            Some((decode(body)?, 8 + len))
-        })();
-        match record {
-            Some((entry, size)) => {
-                entries.push(entry);
-                at += size;
-            }
-            None => return Ok((entries, Some(at))),
+/// Reads one record at `at` from `reader`: `Ok(None)` at a clean end of file, `Err` on a
+/// damaged or truncated record.
+fn next_record(reader: &mut impl Read) -> Result<Option<Vec<u8>>, ()> {
+    let mut header = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        match reader.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
         }
     }
-    Ok((entries, None))
+    let len = u32::from_le_bytes(header[..4].try_into().map_err(|_| ())?) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().map_err(|_| ())?);
+    if len > MAX_RECORD {
+        return Err(());
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).map_err(|_| ())?;
+    if crc32fast::hash(&body) != crc {
+        return Err(());
+    }
+    Ok(Some(body))
 }
 
-/// Replaces a log with exactly `entries`, atomically.
-fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<()> {
+/// The first record's body of the log at `path` (`None`: empty or damaged at once).
+fn first_record(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut reader = BufReader::new(File::open(path)?);
+    Ok(next_record(&mut reader).ok().flatten())
+}
+
+/// Reads a log streaming, keeping only its last `limit` frames within `max_bytes`.
+pub fn read_log(path: &Path, limit: usize, max_bytes: usize) -> io::Result<Log> {
+    read_records(path, limit, max_bytes, true)
+}
+
+fn read_records(path: &Path, limit: usize, max_bytes: usize, named: bool) -> io::Result<Log> {
+    let file = File::open(path)?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    let mut log = Log {
+        name: None,
+        entries: VecDeque::new(),
+        records: 0,
+        damaged_at: None,
+    };
+    let mut at: u64 = 0;
+    let mut bytes = 0;
+    let mut first = named;
+    loop {
+        let body = match next_record(&mut reader) {
+            Ok(Some(body)) => body,
+            Ok(None) => break,
+            Err(()) => {
+                log.damaged_at = Some(at);
+                break;
+            }
+        };
+        let size = 8 + body.len() as u64;
+        if std::mem::take(&mut first) {
+            if let Some(name) = body.strip_prefix(NAME_MAGIC) {
+                log.name = String::from_utf8(name.to_vec()).ok();
+                at += size;
+                continue;
+            }
+        }
+        let Some(entry) = decode(&body) else {
+            log.damaged_at = Some(at);
+            break;
+        };
+        at += size;
+        log.records += 1;
+        bytes += entry.2.len();
+        log.entries.push_back(entry);
+        while log.entries.len() > limit || (bytes > max_bytes && log.entries.len() > 1) {
+            if let Some(old) = log.entries.pop_front() {
+                bytes -= old.2.len();
+            }
+        }
+    }
+    Ok(log)
+}
+
+/// Frame records in the log at `path`, counted by skipping from header to header.
+fn count_records(path: &Path) -> io::Result<usize> {
+    let mut file = File::open(path)?;
+    let end = file.metadata()?.len();
+    let mut at = 0;
+    let mut count: usize = 0;
+    let mut header = [0u8; 8];
+    while at + 8 <= end {
+        file.seek(SeekFrom::Start(at))?;
+        file.read_exact(&mut header)?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
+        at += 8 + len;
+        count += 1;
+    }
+    // The name record is not a frame.
+    Ok(count.saturating_sub(1))
+}
+
+/// Replaces the log of `channel` at `path` with exactly `entries`, atomically.
+fn rewrite<'a>(
+    path: &Path,
+    channel: &str,
+    entries: impl Iterator<Item = &'a (MsgKey, bool, Frame)>,
+) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut out = Vec::new();
-    for entry in entries {
-        encode(entry, &mut out);
+    name_record(channel, &mut out);
+    for (key, live, frame) in entries {
+        let kind = match frame.kind() {
+            FrameKind::Text => 0,
+            FrameKind::Binary => 1,
+        };
+        encode_frame(key, *live, kind, frame.data(), &mut out);
     }
     let mut file = File::create(&tmp)?;
     file.write_all(&out)?;
@@ -256,20 +437,13 @@ struct OpenLog {
     last_write: Instant,
 }
 
-/// What the writer knows of one channel: the history as of the last record it wrote, in
-/// the order the hub stored it, which is what a compaction rewrites.
-#[derive(Default)]
-struct Tail {
-    entries: VecDeque<Entry>,
-    bytes: usize,
-}
-
 struct Writer {
     dir: PathBuf,
     limit: usize,
     max_bytes: usize,
     logs: HashMap<Arc<str>, OpenLog>,
-    tails: HashMap<Arc<str>, Tail>,
+    /// Channels whose log could not be opened, and when that was last logged.
+    failed: HashMap<Arc<str>, Instant>,
     buf: Vec<u8>,
 }
 
@@ -294,9 +468,9 @@ fn write_loop(mut w: Writer, mut rx: mpsc::Receiver<Op>) {
         flush_all(&mut w.logs, sync);
         if sync {
             last_sync = Instant::now();
-            // Close logs idle for a minute so open files stay bounded by busy channels.
             w.logs
-                .retain(|_, log| log.last_write.elapsed() < Duration::from_secs(60));
+                .retain(|_, log| log.last_write.elapsed() < IDLE_CLOSE);
+            w.failed.retain(|_, at| at.elapsed() < IDLE_CLOSE);
         }
     }
     flush_all(&mut w.logs, true);
@@ -311,60 +485,77 @@ impl Writer {
             }
             Op::Forget(name) => {
                 self.logs.remove(&name);
-                self.tails.remove(&name);
-                let _ = fs::remove_file(file_for(&self.dir, &name));
+                let _ = fs::remove_file(log_path(&self.dir, &name));
             }
-            Op::Append(channel, entry) => self.append(&channel, entry),
+            Op::Append(channel, entry) => self.append(channel, &entry),
         }
     }
 
-    fn append(&mut self, channel: &Channel, entry: Entry) {
-        let name: Arc<str> = Arc::from(channel.name());
-        let path = file_for(&self.dir, &name);
-        let tail = self.tails.entry(name.clone()).or_default();
-        tail.bytes += entry.frame.len();
-        tail.entries.push_back(entry.clone());
-        while tail.entries.len() > self.limit || tail.bytes > self.max_bytes {
-            let Some(old) = tail.entries.pop_front() else {
-                break;
-            };
-            tail.bytes -= old.frame.len();
+    /// Opens the log of `name` for appending: a new one starts with its name record; an
+    /// existing one's records are counted, so compaction happens on time however often the
+    /// log was closed and reopened.
+    fn open(&mut self, name: &Arc<str>) -> io::Result<OpenLog> {
+        let path = log_path(&self.dir, name);
+        let records = match count_records(&path) {
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut writer = BufWriter::new(file);
+        if records.is_none() {
+            let mut head = Vec::new();
+            name_record(name, &mut head);
+            writer.write_all(&head)?;
         }
+        Ok(OpenLog {
+            writer,
+            records: records.unwrap_or(0),
+            dirty: true,
+            last_write: Instant::now(),
+        })
+    }
+
+    fn append(&mut self, name: Arc<str>, entry: &Entry) {
         if !self.logs.contains_key(&name) {
-            match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(file) => {
-                    let log = OpenLog {
-                        writer: BufWriter::new(file),
-                        records: 0,
-                        dirty: false,
-                        last_write: Instant::now(),
-                    };
+            match self.open(&name) {
+                Ok(log) => {
                     self.logs.insert(name.clone(), log);
                 }
                 Err(e) => {
-                    warn!("cannot open {}: {e}", path.display());
+                    // Once a minute per channel, not once per frame.
+                    if let std::collections::hash_map::Entry::Vacant(slot) = self.failed.entry(name)
+                    {
+                        warn!("history of '{}' not written: {e}", slot.key());
+                        slot.insert(Instant::now());
+                    }
                     return;
                 }
             }
         }
-        let log = self.logs.get_mut(&name).expect("just inserted");
+        let Some(log) = self.logs.get_mut(&name) else {
+            return;
+        };
         self.buf.clear();
-        encode(&entry, &mut self.buf);
+        encode(entry, &mut self.buf);
         if let Err(e) = log.writer.write_all(&self.buf) {
-            warn!("writing {}: {e}", path.display());
+            warn!("writing history of '{name}': {e}");
         }
         log.records += 1;
         log.dirty = true;
         log.last_write = Instant::now();
         if log.records > 2 * self.limit + 16 {
             let _ = log.writer.flush();
-            let tail: Vec<Entry> = self.tails[&name].entries.iter().cloned().collect();
-            match rewrite(&path, &tail) {
-                Ok(()) => {
-                    self.logs.remove(&name);
-                }
-                Err(e) => warn!("compacting {}: {e}", path.display()),
+            self.logs.remove(&name);
+            let path = log_path(&self.dir, &name);
+            let compacted = read_log(&path, self.limit, self.max_bytes)
+                .and_then(|log| rewrite(&path, &name, log.entries.iter()));
+            if let Err(e) = compacted {
+                warn!("compacting history of '{name}': {e}");
             }
+        }
+        if self.buf.capacity() > 1 << 20 {
+            self.buf = Vec::new();
         }
     }
 }
@@ -403,25 +594,107 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         let mut data = Vec::new();
+        name_record("chan", &mut data);
         encode(&entry(1, false, Frame::text("{\"uid\":\"a\"}")), &mut data);
         encode(&entry(2, true, Frame::binary(vec![0u8, 1, 2])), &mut data);
         let good = data.len();
         encode(&entry(3, true, Frame::text("lost")), &mut data);
         data[good + 10] ^= 0xff; // flip a bit in the third record
         fs::write(&path, &data).unwrap();
-        let (entries, corrupt) = load(&path).unwrap();
-        assert_eq!(corrupt, Some(good));
-        assert_eq!(entries.len(), 2);
-        assert!(!entries[0].1 && entries[1].1);
-        assert_eq!(entries[1].2, Frame::binary(vec![0u8, 1, 2]));
+        let log = read_log(&path, 10, 1 << 20).unwrap();
+        assert_eq!(log.name.as_deref(), Some("chan"));
+        assert_eq!(log.damaged_at, Some(good as u64));
+        assert_eq!(log.entries.len(), 2);
+        assert!(!log.entries[0].1 && log.entries[1].1);
+        assert_eq!(log.entries[1].2, Frame::binary(vec![0u8, 1, 2]));
         // Truncation mid-record is detected the same way.
         fs::write(&path, &data[..good + 5]).unwrap();
-        assert_eq!(load(&path).unwrap().1, Some(good));
+        assert_eq!(
+            read_log(&path, 10, 1 << 20).unwrap().damaged_at,
+            Some(good as u64)
+        );
+        assert_eq!(
+            count_records(&path).unwrap(),
+            2,
+            "a torn header is no record"
+        );
     }
 
     #[test]
-    fn channel_names_survive_the_file_name() {
-        let p = file_for(Path::new("/x"), "a/b c..");
-        assert_eq!(channel_name(&p).as_deref(), Some("a/b c.."));
+    fn reading_keeps_only_the_last_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let mut data = Vec::new();
+        name_record("c", &mut data);
+        for i in 0..1000 {
+            encode(&entry(i, true, Frame::text(format!("m{i}"))), &mut data);
+        }
+        fs::write(&path, &data).unwrap();
+        let log = read_log(&path, 5, 1 << 20).unwrap();
+        assert_eq!(log.records, 1000);
+        let got: Vec<_> = log
+            .entries
+            .iter()
+            .map(|e| e.2.as_text().unwrap().to_string())
+            .collect();
+        assert_eq!(got, ["m995", "m996", "m997", "m998", "m999"]);
+        assert_eq!(count_records(&path).unwrap(), 1000);
+    }
+
+    #[test]
+    fn every_valid_channel_name_has_a_file_of_its_own() {
+        let long = "x".repeat(256);
+        let p = log_path(Path::new("/x"), &long);
+        assert!(p.file_name().unwrap().len() < 64);
+        assert_ne!(
+            log_path(Path::new("/x"), "a"),
+            log_path(Path::new("/x"), "b")
+        );
+    }
+
+    #[test]
+    fn a_log_closed_and_reopened_is_still_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer {
+            dir: dir.path().to_path_buf(),
+            limit: 5,
+            max_bytes: 1 << 20,
+            logs: HashMap::new(),
+            failed: HashMap::new(),
+            buf: Vec::new(),
+        };
+        let name: Arc<str> = Arc::from("c");
+        for round in 0..10u64 {
+            for i in 0..8 {
+                w.append(name.clone(), &entry(round * 8 + i, true, Frame::text("x")));
+            }
+            flush_all(&mut w.logs, true);
+            // What an idle close does.
+            w.logs.clear();
+            let records = count_records(&log_path(dir.path(), "c")).unwrap();
+            assert!(
+                records <= 2 * 5 + 16 + 1,
+                "round {round}: {records} records"
+            );
+        }
+    }
+
+    #[test]
+    fn logs_of_the_earlier_format_move_to_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "old channel";
+        let mut data = Vec::new();
+        for i in 0..3 {
+            encode(&entry(i, true, Frame::text(format!("m{i}"))), &mut data);
+        }
+        let old = dir.path().join(format!("{}.log", hex::encode(name)));
+        fs::write(&old, &data).unwrap();
+        let corrupt = Counter::default();
+        migrate(dir.path(), 10, 1 << 20, &corrupt);
+        assert!(!old.exists());
+        let log = read_log(&log_path(dir.path(), name), 10, 1 << 20).unwrap();
+        assert_eq!(log.name.as_deref(), Some(name));
+        assert_eq!(log.entries.len(), 3);
+        assert_eq!(corrupt.get(), 0);
     }
 }

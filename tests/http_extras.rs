@@ -179,7 +179,7 @@ async fn the_compressed_cache_keeps_within_its_bound_and_serves_edited_files_fre
         c.static_cache_bytes = BOUND;
     })
     .await;
-    let cache = &server.shared.static_cache;
+    let cache = &server.shared.site.cache;
     assert_eq!(cache.capacity(), BOUND);
     assert!(cache.is_empty());
 

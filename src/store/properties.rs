@@ -1,5 +1,5 @@
 //! Property tests (proptest) of the history log loader, which reads files that a crash, a
-//! full disk or anyone with access to the cache directory may have left damaged: `load`
+//! full disk or anyone with access to the cache directory may have left damaged: `read_log`
 //! never panics on random or corrupted files, reads back exactly what was written, and of
 //! a damaged file keeps exactly the records before the first damaged one.
 //!
@@ -28,10 +28,12 @@ fn record() -> impl Strategy<Value = Record> {
     )
 }
 
-/// Writes `records` as a log; returns its bytes and where each record ends.
+/// Writes `records` as a log of channel "c"; returns its bytes and where each record ends,
+/// the name record first.
 fn write_log(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
     let mut data = Vec::new();
-    let mut ends = Vec::new();
+    name_record("c", &mut data);
+    let mut ends = vec![data.len()];
     for (origin, seq, live, msg) in records {
         let entry = Entry {
             seq: *seq,
@@ -54,21 +56,22 @@ fn read_log(data: &[u8]) -> (Vec<Record>, Option<usize>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("channel.log");
     fs::write(&path, data).unwrap();
-    let (entries, corrupt) = load(&path).expect("a readable file loads");
-    let records = entries
+    let log = super::read_log(&path, usize::MAX, usize::MAX).expect("a readable file loads");
+    let records = log
+        .entries
         .into_iter()
         .map(|(key, live, msg)| (key.origin.to_string(), key.seq, live, msg))
         .collect();
-    (records, corrupt)
+    (records, log.damaged_at.map(|at| at as usize))
 }
 
 /// The records wholly inside the first `len` bytes, and where the first one that is not
-/// (if any) starts.
+/// (if any) starts. `ends[0]` is the end of the name record.
 fn prefix(records: &[Record], ends: &[usize], len: usize) -> (Vec<Record>, Option<usize>) {
     let whole = ends.iter().take_while(|&&end| end <= len).count();
     let start = if whole == 0 { 0 } else { ends[whole - 1] };
     let damaged = (start < len).then_some(start);
-    (records[..whole].to_vec(), damaged)
+    (records[..whole.saturating_sub(1)].to_vec(), damaged)
 }
 
 proptest! {
@@ -117,7 +120,9 @@ proptest! {
         let damaged = ends.iter().position(|&end| at < end).expect("inside a record");
         let start = if damaged == 0 { 0 } else { ends[damaged - 1] };
         // A CRC-32 collision (about 1 in 4 billion) is the one way a change could pass.
-        prop_assert_eq!(read_log(&data), (records[..damaged].to_vec(), Some(start)));
+        // Record `damaged` is the name record (0) or frame `damaged - 1`.
+        let kept = records[..damaged.saturating_sub(1)].to_vec();
+        prop_assert_eq!(read_log(&data), (kept, Some(start)));
     }
 
     /// Garbage after the last record (a torn write of the next) keeps every record.

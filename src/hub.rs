@@ -101,7 +101,7 @@ const SEEN_COST: usize = 64;
 /// A channel's bookkeeping is charged in steps of this much, not per entry.
 const CHARGE_STEP: usize = 16 * 1024;
 /// Notices queued per presence watcher at most; older ones are dropped first.
-const MAX_NOTICES: usize = 256;
+const MAX_NOTICES: usize = 64;
 
 /// Identifies one membership (one connection's stay in one channel).
 pub type MemberId = u64;

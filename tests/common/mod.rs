@@ -360,6 +360,15 @@ pub fn free_port() -> u16 {
 /// Starts the binary plain on 127.0.0.1:`port` with the shipped wwwroot and `args`, and
 /// waits until it accepts connections.
 pub async fn spawn_binary(port: u16, args: &[&std::ffi::OsStr]) -> Process {
+    spawn_binary_in(port, &static_root(), args).await
+}
+
+/// [`spawn_binary`] serving `wwwroot`.
+pub async fn spawn_binary_in(
+    port: u16,
+    wwwroot: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+) -> Process {
     let process = Process(
         std::process::Command::new(env!("CARGO_BIN_EXE_mles"))
             .args([
@@ -371,7 +380,7 @@ pub async fn spawn_binary(port: u16, args: &[&std::ffi::OsStr]) -> Process {
                 &port.to_string(),
             ])
             .arg("--wwwroot")
-            .arg(static_root())
+            .arg(wwwroot)
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -384,4 +393,66 @@ pub async fn spawn_binary(port: u16, args: &[&std::ffi::OsStr]) -> Process {
     })
     .await;
     process
+}
+
+impl Process {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Resident memory now and at its peak, from /proc.
+    pub fn memory(&self) -> Memory {
+        Memory::of(self.pid())
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) and waits, bounded, for a clean exit.
+    pub async fn terminate(&mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+        let child = &mut self.0;
+        let mut exit = None;
+        wait_until("the server to exit after SIGTERM", WAIT, async || {
+            exit = child.try_wait().expect("wait for the server");
+            exit.is_some()
+        })
+        .await;
+        let exit = exit.expect("exited");
+        assert!(exit.success(), "exit status after SIGTERM: {exit:?}");
+    }
+}
+
+/// A process's resident memory in bytes, from `/proc/<pid>/status`: `VmRSS` now and
+/// `VmHWM`, the peak since it started (which catches a spike between two samples).
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub rss: u64,
+    pub peak: u64,
+}
+
+impl Memory {
+    pub fn of(pid: u32) -> Memory {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+                * 1024
+        };
+        Memory {
+            rss: field("VmRSS:"),
+            peak: field("VmHWM:"),
+        }
+    }
+}
+
+/// Bytes as MiB, for messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }

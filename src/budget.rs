@@ -85,6 +85,18 @@ impl Budget {
         }
     }
 
+    /// How many bytes would have to be released for `bytes` more to fit what `need` may
+    /// use (0: they fit now).
+    pub fn shortfall(&self, bytes: usize, need: Need) -> usize {
+        (self.used() + bytes).saturating_sub(self.ceiling(need))
+    }
+
+    /// What to ask the hub to release when `bytes` do not fit: the shortfall and a margin
+    /// (1/64 of the budget), so the next few do not each start an eviction.
+    pub fn relief_for(&self, bytes: usize, need: Need) -> usize {
+        self.shortfall(bytes, need) + self.limit / 64
+    }
+
     /// Reserves `bytes` if that keeps the total within what `need` may use.
     pub fn try_reserve(self: &Arc<Self>, bytes: usize, need: Need) -> Option<Reservation> {
         let ceiling = self.ceiling(need);

@@ -591,7 +591,11 @@ impl Config {
             max_connections: args.max_connections,
             ip_rate: nonzero(args.ip_rate),
             per_ip_limit: nonzero(args.per_ip_limit),
-            static_cache_bytes: args.static_cache_mb.saturating_mul(1024 * 1024),
+            // The cache is set aside from the memory budget: at most an eighth of it.
+            static_cache_bytes: args
+                .static_cache_mb
+                .saturating_mul(1024 * 1024)
+                .min(max_memory / 8),
             proxies,
             metrics_bind: args.metrics_bind,
             metrics_on_main: args.metrics_on_main,

@@ -718,7 +718,7 @@ impl Hub {
         let charge = match budget.try_reserve(CHANNEL_COST, Need::Growth) {
             Some(charge) => charge,
             None => {
-                relieve_locked(channels, CHANNEL_COST + budget.limit() / 64);
+                relieve_locked(channels, budget.relief_for(CHANNEL_COST, Need::Growth));
                 budget
                     .try_reserve(CHANNEL_COST, Need::Growth)
                     .ok_or(JoinError::OutOfMemory)?

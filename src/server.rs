@@ -113,7 +113,13 @@ impl Shared {
         } else {
             CONNECTION_COST
         };
-        let Some(memory) = self.budget.try_reserve(cost, Need::Growth) else {
+        let mut memory = self.budget.try_reserve(cost, Need::Growth);
+        if memory.is_none() {
+            // History of channels without members goes before anyone is turned away.
+            self.hub.relieve(self.budget.relief_for(cost, Need::Growth));
+            memory = self.budget.try_reserve(cost, Need::Growth);
+        }
+        let Some(memory) = memory else {
             refuse("memory", "memory budget reached");
             self.metrics.budget_refused("connection");
             return None;

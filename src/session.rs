@@ -394,10 +394,13 @@ async fn read_join(
                         Refusal::new("malformed", protocol::JoinError::TooLong.to_string())
                     }));
                 }
-                match sessions
-                    .budget
-                    .try_reserve(n + FRAME_OVERHEAD, Need::Growth)
-                {
+                let (budget, cost) = (&sessions.budget, n + FRAME_OVERHEAD);
+                let mut reserved = budget.try_reserve(cost, Need::Growth);
+                if reserved.is_none() {
+                    sessions.hub.relieve(budget.relief_for(cost, Need::Growth));
+                    reserved = budget.try_reserve(cost, Need::Growth);
+                }
+                match reserved {
                     Some(reservation) => conn.grant(reservation),
                     None => {
                         sessions.metrics.budget_refused("join");
@@ -670,7 +673,7 @@ impl Serving<'_> {
                 if reserved.is_none() {
                     sessions
                         .hub
-                        .relieve(n + FRAME_OVERHEAD + budget.limit() / 64);
+                        .relieve(budget.relief_for(n + FRAME_OVERHEAD, need));
                     reserved = budget.try_reserve(n + FRAME_OVERHEAD, need);
                 }
                 match (reserved, need) {

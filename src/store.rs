@@ -544,7 +544,7 @@ impl Writer {
         log.records += 1;
         log.dirty = true;
         log.last_write = Instant::now();
-        if log.records > 2 * self.limit + 16 {
+        if log.records > 2 * self.limit {
             let _ = log.writer.flush();
             self.logs.remove(&name);
             let path = log_path(&self.dir, &name);

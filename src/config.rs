@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use async_nats::ServerAddr;
+use http::Uri;
+
 use crate::{protocol, Error};
 
 /// How the listener speaks to clients.
@@ -334,10 +337,10 @@ pub struct Config {
     /// Secret peer servers prove on every link, from `MLES_PEER_KEY`; without it this
     /// server neither opens nor accepts peer links.
     pub peer_key: Option<protocol::PeerKey>,
-    pub hub: crate::hub::HubConfig,
+    pub hub: HubConfig,
     /// The memory budget, in bytes.
     pub max_memory: usize,
-    pub session: crate::session::SessionConfig,
+    pub session: SessionConfig,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
     /// New connections per minute per IP address.
@@ -352,13 +355,13 @@ pub struct Config {
     pub metrics_bind: Option<SocketAddr>,
     /// Whether /metrics is answered on the main listener (to loopback clients).
     pub metrics_on_main: bool,
-    pub peers: crate::peer::PeerConfig,
+    pub peers: PeerConfig,
     /// This server's uid on peer links and the origin of its clients' frames.
     pub server_id: String,
     /// Whether links from servers of this kind get envelopes (off only to act as mles v2).
     pub peer_envelopes: bool,
     /// The NATS JetStream backplane, with `--nats`.
-    pub nats: Option<crate::nats::NatsConfig>,
+    pub nats: Option<NatsConfig>,
     /// How log lines are written (read by main before logging starts).
     pub log_format: crate::logging::LogFormat,
 }
@@ -501,14 +504,14 @@ impl Config {
         let peer_urls = args
             .peer
             .iter()
-            .map(|u| crate::peer::parse_url(u.trim()))
+            .map(|u| parse_peer_url(u.trim()))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(ca) = &args.peer_ca {
             if let Err(e) = std::fs::metadata(ca) {
                 return bad(format!("cannot read '{}': {e}", ca.display()));
             }
         }
-        let nats = crate::nats::NatsConfig::from_args(&args)?;
+        let nats = NatsConfig::from_args(&args)?;
         if nats.is_some() && !peer_urls.is_empty() {
             return bad("--peer and --nats do not go together: with --nats the servers of a cluster share channels through NATS; to link a server outside the cluster, give it --peer to one of them".into());
         }
@@ -566,7 +569,7 @@ impl Config {
             key,
             peer_key,
             max_memory,
-            hub: crate::hub::HubConfig {
+            hub: HubConfig {
                 history_limit: args.limit,
                 queue_frames: args.queue_frames,
                 channel_bytes: args.channel_bytes,
@@ -576,7 +579,7 @@ impl Config {
                 lifespan: nonzero(args.channel_lifespan).map(Duration::from_secs),
                 max_channels: args.max_channels.max(1),
             },
-            session: crate::session::SessionConfig {
+            session: SessionConfig {
                 max_message_size: args.max_message_size,
                 first_frame_timeout: Duration::from_secs(args.first_frame_timeout),
                 ping_interval: Duration::from_secs(args.ping_interval),
@@ -599,7 +602,7 @@ impl Config {
             proxies,
             metrics_bind: args.metrics_bind,
             metrics_on_main: args.metrics_on_main,
-            peers: crate::peer::PeerConfig {
+            peers: PeerConfig {
                 urls: peer_urls,
                 ca: args.peer_ca,
                 grace: Duration::from_secs(args.peer_grace),
@@ -651,6 +654,197 @@ fn valid_domain(d: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !d.starts_with('.')
         && !d.contains("..")
+}
+
+/// Sizes of each channel's ring.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Frames replayed to a new member.
+    pub history_limit: usize,
+    /// Frames a member may fall behind before it is disconnected.
+    pub queue_frames: usize,
+    /// Bytes of frames a channel keeps, for history and for members catching up.
+    pub channel_bytes: usize,
+    /// How long a channel without members keeps its history after its last activity.
+    pub history_expiry: Duration,
+    /// Most clients in one channel.
+    pub max_members: Option<usize>,
+    /// Most frames clients may publish to one channel (join frames included).
+    pub max_messages: Option<u64>,
+    /// How long a channel lives from its creation.
+    pub lifespan: Option<Duration>,
+    /// Most channels held at once; past it the least recently active channel without
+    /// members is dropped to make room, and if every channel has members new ones are
+    /// refused.
+    pub max_channels: usize,
+}
+
+impl HubConfig {
+    /// The ring of a channel with members holds the history plus room for members to fall
+    /// behind, so a new member whose whole history is still unsent has the same slack as
+    /// everyone else.
+    pub(crate) fn ring_frames(&self) -> usize {
+        self.history_limit + self.queue_frames
+    }
+
+    /// Join frames a channel's history keeps at most: half of it.
+    pub(crate) fn join_quota(&self) -> usize {
+        (self.history_limit / 2).max(1)
+    }
+
+    /// Relayed keys remembered per channel for de-duplication.
+    pub(crate) fn seen_capacity(&self) -> usize {
+        (self.ring_frames() * 4).max(4096)
+    }
+}
+
+/// Per-connection limits and timers.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub max_message_size: usize,
+    pub first_frame_timeout: Duration,
+    pub ping_interval: Duration,
+    pub missed_pongs: u32,
+    pub write_timeout: Duration,
+    /// At most this many frames per window from a client.
+    pub message_rate: Option<(u32, Duration)>,
+    /// Close a client that sent nothing for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Close a client connection this old.
+    pub max_age: Option<Duration>,
+}
+
+/// Peer settings, validated.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub urls: Vec<Uri>,
+    /// Extra CA certificates (PEM) to trust for `wss://` peers.
+    pub ca: Option<std::path::PathBuf>,
+    /// How long a link stays up after its channel's last local client left.
+    pub grace: Duration,
+}
+
+/// Parses and checks a `ws://` or `wss://` peer URL.
+pub fn parse_peer_url(url: &str) -> Result<Uri, Error> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| Error::Config(format!("peer URL '{url}': {e}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("ws" | "wss"), Some(_)) => Ok(uri),
+        _ => Err(Error::Config(format!(
+            "peer URL '{url}' must be ws://host[:port]/ or wss://host[:port]/"
+        ))),
+    }
+}
+
+/// NATS settings, validated. (Its `Debug` leaves out URL credentials.)
+#[derive(Clone)]
+pub struct NatsConfig {
+    pub urls: Vec<ServerAddr>,
+    /// Credentials file (JWT and NKey seed).
+    pub creds: Option<PathBuf>,
+    /// Extra CA certificate (PEM) for NATS servers with private certificates.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for NATS servers that verify clients.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Replicas of the stream.
+    pub replicas: usize,
+    /// How long a link stays up after its channel's last local client left.
+    pub grace: Duration,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| format!("{}:{}", u.host(), u.port()))
+            .collect();
+        f.debug_struct("NatsConfig")
+            .field("servers", &servers)
+            .field("creds", &self.creds)
+            .field("ca", &self.ca)
+            .field("replicas", &self.replicas)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsConfig {
+    /// Settings for the NATS servers at `urls` (comma separated), all else default.
+    pub fn new(urls: &str) -> Result<NatsConfig, Error> {
+        Ok(NatsConfig {
+            urls: parse_urls(urls.split(','))?,
+            creds: None,
+            ca: None,
+            client_cert: None,
+            replicas: 1,
+            grace: Duration::from_secs(30),
+        })
+    }
+
+    /// The settings of `--nats` and friends; `None` without `--nats`.
+    pub fn from_args(args: &Args) -> Result<Option<NatsConfig>, Error> {
+        let urls = parse_urls(args.nats.iter().map(String::as_str))?;
+        let extras = args.nats_creds.is_some()
+            || args.nats_ca.is_some()
+            || args.nats_client_cert.is_some()
+            || args.nats_client_key.is_some();
+        if urls.is_empty() {
+            if extras {
+                return Err(Error::Config(
+                    "--nats-creds, --nats-ca and --nats-client-cert/key need --nats".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        for file in [
+            &args.nats_creds,
+            &args.nats_ca,
+            &args.nats_client_cert,
+            &args.nats_client_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Err(e) = std::fs::metadata(file) {
+                return Err(Error::Config(format!(
+                    "cannot read '{}': {e}",
+                    file.display()
+                )));
+            }
+        }
+        let client_cert = match (&args.nats_client_cert, &args.nats_client_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "--nats-client-cert and --nats-client-key go together".into(),
+                ))
+            }
+        };
+        if !(1..=5).contains(&args.nats_replicas) {
+            return Err(Error::Config("--nats-replicas must be 1 to 5".into()));
+        }
+        Ok(Some(NatsConfig {
+            urls,
+            creds: args.nats_creds.clone(),
+            ca: args.nats_ca.clone(),
+            client_cert,
+            replicas: args.nats_replicas,
+            grace: Duration::from_secs(args.peer_grace),
+        }))
+    }
+}
+
+fn parse_urls<'a>(urls: impl Iterator<Item = &'a str>) -> Result<Vec<ServerAddr>, Error> {
+    urls.map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| Error::Config(format!("NATS URL '{u}': {e}")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -731,5 +925,64 @@ mod tests {
             .unwrap()
             .peer_key
             .is_some());
+    }
+    #[test]
+    fn flags_are_validated() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["mles", "--wwwroot", "."];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv).unwrap(), Secrets::default())
+        };
+        let c = parse(&[
+            "--nats",
+            "nats://127.0.0.1:4222,127.0.0.1:4223",
+            "--limit",
+            "7",
+        ])
+        .unwrap();
+        let nats = c.nats.expect("nats configured");
+        assert_eq!(nats.urls.len(), 2);
+        assert_eq!(nats.replicas, 1);
+        assert!(parse(&[]).unwrap().nats.is_none());
+        let err = |r: Result<Config, Error>| r.unwrap_err().to_string();
+        assert!(
+            err(parse(&["--nats", "n:1", "--peer", "ws://127.0.0.1:1/"]))
+                .contains("--peer and --nats")
+        );
+        assert!(err(parse(&["--nats-ca", "Cargo.toml"])).contains("need --nats"));
+        assert!(
+            err(parse(&["--nats", "n:1", "--nats-creds", "/nonexistent"])).contains("cannot read")
+        );
+        assert!(err(parse(&[
+            "--nats",
+            "n:1",
+            "--nats-client-cert",
+            "Cargo.toml"
+        ]))
+        .contains("go together"));
+        assert!(err(parse(&["--nats", "http://x"])).contains("NATS URL"));
+        let debug = format!(
+            "{:?}",
+            NatsConfig::new("nats://me:secret@127.0.0.1:4222").unwrap()
+        );
+        assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(NatsConfig::new("nats://127.0.0.1:4222").is_ok());
+        assert_eq!(
+            NatsConfig::new("127.0.0.1:1,tls://h:2").unwrap().urls.len(),
+            2
+        );
+        assert!(NatsConfig::new("http://x").is_err());
+    }
+
+    #[test]
+    fn peer_urls_must_be_websocket_urls() {
+        assert!(parse_peer_url("ws://127.0.0.1:8080/").is_ok());
+        assert!(parse_peer_url("wss://example.org").is_ok());
+        assert!(parse_peer_url("http://example.org").is_err());
+        assert!(parse_peer_url("example.org").is_err());
     }
 }

@@ -23,6 +23,13 @@ use crate::budget::Reservation;
 use crate::frame::{Frame, FrameKind};
 use crate::websocket::{self, Decoded, Decoder, Opcode, ProtocolError, Role};
 
+/// A connection's byte stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The byte stream every connection is served on, whatever is below it.
+pub type BoxedIo = Pin<Box<dyn Io>>;
+
 /// Size of each worker thread's read buffer.
 const SCRATCH: usize = 32 * 1024;
 

@@ -14,13 +14,15 @@ use log::debug;
 use warp::reply::Response as WarpResponse;
 use warp::Filter;
 
+use crate::admin::Ops;
 use crate::logging::Notable;
+use crate::metrics::Metrics;
 use crate::protocol::{
     self, PeerRole, PEER_CHALLENGE_HEADER, PEER_HEADER, PEER_NONCE_HEADER, PEER_PROOF_HEADER,
     PEER_VERSION, SUBPROTOCOL,
 };
-use crate::server::Shared;
-use crate::session::PeerChallenge;
+use crate::proxy::ProxyRule;
+use crate::session::{PeerChallenge, Sessions};
 use crate::static_files;
 use crate::write_deadline::WriteDeadline;
 
@@ -34,9 +36,34 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
 }
 
 /// Whether `/metrics` on the main listener answers a client at `peer`: only when asked
-/// for with `--metrics-on-main`, and then only to loopback clients.
-pub fn metrics_allowed(config: &crate::config::Config, peer: Option<SocketAddr>) -> bool {
-    config.metrics_on_main && peer.is_some_and(|p| is_loopback(p.ip()))
+/// for with `--metrics-on-main` (`on_main`), and then only to loopback clients.
+pub fn metrics_allowed(on_main: bool, peer: Option<SocketAddr>) -> bool {
+    on_main && peer.is_some_and(|p| is_loopback(p.ip()))
+}
+
+/// The main listener's settings.
+#[derive(Clone)]
+pub struct HttpSettings {
+    /// Hosts static files and proxied paths are served for.
+    pub domains: Vec<String>,
+    /// Whether the listener speaks TLS (for `X-Forwarded-Proto`).
+    pub tls: bool,
+    pub proxies: Vec<ProxyRule>,
+    pub metrics_on_main: bool,
+    /// Upgrades asking for peer mode are challenged only with a peer key.
+    pub peer_key: Option<protocol::PeerKey>,
+    /// Off only to answer peer links as a plain mles v2 server would.
+    pub peer_envelopes: bool,
+}
+
+/// What the main listener's requests need: its settings, the sessions upgrades start,
+/// the static site, and the operator's view.
+pub struct HttpContext {
+    pub settings: HttpSettings,
+    pub sessions: Arc<Sessions>,
+    pub site: static_files::Site,
+    pub ops: Arc<Ops>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -47,16 +74,15 @@ fn is_loopback(ip: IpAddr) -> bool {
 pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, WarpResponse> + Send + Sync>;
 
 /// The warp routes for requests that are not WebSocket upgrades.
-pub fn routes(shared: Arc<Shared>) -> Handler {
+pub fn routes(shared: Arc<HttpContext>) -> Handler {
     let health_state = shared.clone();
     let health = warp::path!("health").and(warp::get()).map(move || {
-        let (status, body) = health_state.health();
+        let (status, body) = health_state.ops.health();
         warp::reply::with_status(body, status).into_response()
     });
     let metrics_state = shared.clone();
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        metrics_state.refresh_gauges();
-        let body = metrics_state.metrics.render();
+        let body = metrics_state.ops.metrics_text();
         warp::reply::with_header(
             body,
             header::CONTENT_TYPE,
@@ -91,8 +117,8 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
             },
         );
     let service = warp::service(health.or(metrics).unify().or(files).unify());
-    let tls = !matches!(shared.config.tls, crate::config::TlsConfig::Off);
-    let proxy = Arc::new(crate::proxy::Proxy::new(&shared.config.proxies, tls));
+    let settings = &shared.settings;
+    let proxy = Arc::new(crate::proxy::Proxy::new(&settings.proxies, settings.tls));
     Arc::new(move |req| {
         use tower_service::Service;
         let mut service = service.clone();
@@ -101,7 +127,8 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
         Box::pin(async move {
             let path = req.uri().path();
             let peer = peer_addr(&req);
-            if path.trim_end_matches('/') == "/metrics" && !metrics_allowed(&shared.config, peer) {
+            let on_main = shared.settings.metrics_on_main;
+            if path.trim_end_matches('/') == "/metrics" && !metrics_allowed(on_main, peer) {
                 return static_files::status(StatusCode::NOT_FOUND);
             }
             if let Some(rule) = proxy.route(path) {
@@ -111,7 +138,7 @@ pub fn routes(shared: Arc<Shared>) -> Handler {
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .map(static_files::host_name);
-                if host.is_some_and(|h| shared.config.domains.contains(&h)) {
+                if host.is_some_and(|h| shared.settings.domains.contains(&h)) {
                     return proxy.forward(req, rule, peer).await;
                 }
             }
@@ -129,7 +156,7 @@ use warp::Reply;
 pub async fn dispatch(
     req: Request<Incoming>,
     handler: Handler,
-    shared: Arc<Shared>,
+    shared: Arc<HttpContext>,
     permit: Arc<crate::limits::Permit>,
 ) -> Result<WarpResponse, Infallible> {
     if is_upgrade(req.headers()) {
@@ -163,7 +190,7 @@ pub fn offers_subprotocol(headers: &HeaderMap) -> bool {
 }
 
 fn refuse(
-    shared: &Shared,
+    shared: &HttpContext,
     code: StatusCode,
     reason: &'static str,
     metric: &'static str,
@@ -180,7 +207,7 @@ fn refuse(
 /// session on the upgraded connection.
 fn upgrade(
     mut req: Request<Incoming>,
-    shared: Arc<Shared>,
+    shared: Arc<HttpContext>,
     permit: Arc<crate::limits::Permit>,
 ) -> WarpResponse {
     let client = peer_addr(&req);
@@ -231,7 +258,7 @@ fn upgrade(
         );
     }
     let accept = crate::websocket::accept_key(key.as_bytes());
-    let (challenge, peer_answer) = match peer_challenge(&shared.config, headers) {
+    let (challenge, peer_answer) = match peer_challenge(&shared.settings, headers) {
         Some((challenge, proof)) => {
             let answer = (challenge.server_nonce.clone(), proof);
             (Some(challenge), Some(answer))
@@ -245,12 +272,12 @@ fn upgrade(
             Ok(upgraded) => {
                 // Back to the connection's own stream (and what was read past the request),
                 // so the session reads it without hyper's layer in between.
-                type Io = WriteDeadline<crate::tls::BoxedIo>;
+                type Io = WriteDeadline<crate::connection::BoxedIo>;
                 let (io, leftover) = match upgraded.downcast::<TokioIo<Io>>() {
                     // The session keeps its own deadlines.
                     Ok(parts) => (parts.io.into_inner().into_inner(), parts.read_buf),
                     Err(upgraded) => {
-                        let io: crate::tls::BoxedIo = Box::pin(TokioIo::new(upgraded));
+                        let io: crate::connection::BoxedIo = Box::pin(TokioIo::new(upgraded));
                         (io, bytes::Bytes::new())
                     }
                 };
@@ -281,10 +308,7 @@ fn upgrade(
 /// holding a peer key, and this server's proof of that key. Without a peer key here, or
 /// without a well-formed request, the connection is an ordinary client: nothing it sends
 /// can earn it more than a client gets.
-fn peer_challenge(
-    config: &crate::config::Config,
-    headers: &HeaderMap,
-) -> Option<(PeerChallenge, String)> {
+fn peer_challenge(config: &HttpSettings, headers: &HeaderMap) -> Option<(PeerChallenge, String)> {
     let key = config.peer_key.as_ref().filter(|_| config.peer_envelopes)?;
     if headers.get(PEER_HEADER).map(HeaderValue::as_bytes) != Some(PEER_VERSION.as_bytes()) {
         return None;

@@ -49,49 +49,8 @@ use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
 
 use crate::budget::{Budget, Need, Reservation};
+use crate::config::HubConfig;
 use crate::frame::Frame;
-
-/// Sizes of each channel's ring.
-#[derive(Clone, Debug)]
-pub struct HubConfig {
-    /// Frames replayed to a new member.
-    pub history_limit: usize,
-    /// Frames a member may fall behind before it is disconnected.
-    pub queue_frames: usize,
-    /// Bytes of frames a channel keeps, for history and for members catching up.
-    pub channel_bytes: usize,
-    /// How long a channel without members keeps its history after its last activity.
-    pub history_expiry: Duration,
-    /// Most clients in one channel.
-    pub max_members: Option<usize>,
-    /// Most frames clients may publish to one channel (join frames included).
-    pub max_messages: Option<u64>,
-    /// How long a channel lives from its creation.
-    pub lifespan: Option<Duration>,
-    /// Most channels held at once; past it the least recently active channel without
-    /// members is dropped to make room, and if every channel has members new ones are
-    /// refused.
-    pub max_channels: usize,
-}
-
-impl HubConfig {
-    /// The ring of a channel with members holds the history plus room for members to fall
-    /// behind, so a new member whose whole history is still unsent has the same slack as
-    /// everyone else.
-    fn ring_frames(&self) -> usize {
-        self.history_limit + self.queue_frames
-    }
-
-    /// Join frames a channel's history keeps at most: half of it.
-    fn join_quota(&self) -> usize {
-        (self.history_limit / 2).max(1)
-    }
-
-    /// Relayed keys remembered per channel for de-duplication.
-    fn seen_capacity(&self) -> usize {
-        (self.ring_frames() * 4).max(4096)
-    }
-}
 
 /// Memory a channel is charged for existing (its map slot, ring and lock).
 pub const CHANNEL_COST: usize = 1024;

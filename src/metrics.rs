@@ -35,6 +35,7 @@ pub struct Metrics {
     pub nats_reconnects: Counter,
     pub nats_publish_failures: Counter,
     pub nats_lagged: Counter,
+    pub nats_consumer_lost: Counter,
     pub peer_links_up: Gauge,
     pub peer_link_failures: Counter,
     pub history_persist_dropped: Counter,
@@ -76,6 +77,7 @@ impl Metrics {
             nats_reconnects: Counter::default(),
             nats_publish_failures: Counter::default(),
             nats_lagged: Counter::default(),
+            nats_consumer_lost: Counter::default(),
             peer_links_up: Gauge::default(),
             peer_link_failures: Counter::default(),
             history_persist_dropped: Counter::default(),
@@ -187,6 +189,11 @@ impl Metrics {
             "nats_lagged",
             "Times a NATS link fell so far behind the stream that frames may have been lost",
             m.nats_lagged.clone(),
+        );
+        r.register(
+            "nats_consumer_lost",
+            "Times a NATS link's consumer stopped delivering (its node lost) and was rebuilt",
+            m.nats_consumer_lost.clone(),
         );
         r.register(
             "peer_links_up",

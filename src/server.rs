@@ -11,16 +11,20 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use log::{debug, error, info, warn};
+use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::admin::{self, accept, serve_plain, Ops};
 use crate::budget::{Budget, Need};
 use crate::config::Config;
-use crate::http::{self, Handler};
+use crate::http::{self, Handler, HttpContext, HttpSettings};
 use crate::hub::{Hub, Recorder};
 use crate::limits::{IpConnections, IpRateLimiter, Permit};
+use crate::link::nats::NatsTransport;
+use crate::link::peer::{Identity, PeerTransport};
+use crate::link::{LinkBackplane, LinkContext, LinkCounters, Links, Transport};
 use crate::logging::Notable;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
@@ -42,7 +46,9 @@ pub const TLS_CONNECTION_COST: usize = 48 * 1024;
 /// Largest HTTP request head read before a request is refused.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
-/// State every connection shares.
+/// The server's own state: what it wires together. Modules get narrow handles from it (the
+/// hub, metrics, the budget, a shutdown signal, their settings), never this whole.
+/// Public for tests and embedders, which inspect it.
 pub struct Shared {
     pub config: Config,
     pub hub: Arc<Hub>,
@@ -50,10 +56,14 @@ pub struct Shared {
     pub budget: Arc<Budget>,
     pub sessions: Arc<Sessions>,
     pub shutdown: Shutdown,
-    /// Static files and the cache of their compressed bodies.
-    pub site: crate::static_files::Site,
+    /// What the main listener's requests need (static site included).
+    pub http: Arc<HttpContext>,
+    /// `/metrics` and `/health`.
+    pub ops: Arc<Ops>,
+    /// Links to other servers, with `--peer` or `--nats`.
+    pub links: Option<Arc<Links>>,
     /// The compressed-file cache's share of the memory budget, set aside at start.
-    _static_cache_share: Option<crate::budget::Reservation>,
+    _static_cache_share: crate::budget::Reservation,
     acceptor: Arc<Acceptor>,
     /// History on disk, with `--cache`.
     pub store: Option<Arc<crate::store::Store>>,
@@ -64,22 +74,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// What `/health` answers: 503 once shutdown has begun; 200 `DEGRADED: …` while a
-    /// backplane is down (local members are still served, so a load balancer should keep
-    /// this server); else 200 `OK`.
-    pub fn health(&self) -> (::http::StatusCode, String) {
-        if self.shutdown.is_shutdown() {
-            (
-                ::http::StatusCode::SERVICE_UNAVAILABLE,
-                "shutting down".into(),
-            )
-        } else if let Some(part) = crate::nats::degraded(self) {
-            (::http::StatusCode::OK, format!("DEGRADED: {part}"))
-        } else {
-            (::http::StatusCode::OK, "OK".into())
-        }
-    }
-
     /// Admits a connection from `peer` on the `which` listener under the per-IP accept
     /// rate, the per-IP open-connection cap and the overall connection limit, in that order
     /// (cheapest refusal first). A refusal is counted and logged, and the caller drops the
@@ -130,16 +124,6 @@ impl Shared {
             memory,
             self.metrics.connections_open.clone(),
         ))
-    }
-
-    /// Updates the gauges that are computed rather than counted.
-    pub fn refresh_gauges(&self) {
-        let (channels, frames, bytes) = self.hub.stats();
-        self.metrics.channels.set(channels as i64);
-        self.metrics.history_frames.set(frames as i64);
-        self.metrics.history_bytes.set(bytes as i64);
-        self.metrics.memory_budget.set(self.budget.limit() as i64);
-        self.metrics.memory_used.set(self.budget.used() as i64);
     }
 
     /// Re-reads the --cert/--key files for new handshakes (what SIGHUP does); connections
@@ -201,7 +185,7 @@ impl Server {
         ));
         let (ip_rate, per_ip_limit) = (config.ip_rate, config.per_ip_limit);
         let metrics = Arc::new(Metrics::new());
-        let sweeper = Sweeper::new(config.session.deadlines());
+        let sweeper = Sweeper::new((&config.session).into());
         let sessions = Arc::new(Sessions {
             hub: hub.clone(),
             metrics: metrics.clone(),
@@ -220,34 +204,60 @@ impl Server {
             }
             None => None,
         };
-        let shared = Arc::new(Shared {
-            hub,
-            metrics,
+        let links = links(
+            &config,
+            &hub,
+            &metrics,
+            &budget,
+            &sessions.sweeper,
+            &shutdown,
+        )
+        .await?;
+        if let Some(links) = &links {
+            hub.set_backplane(Arc::new(LinkBackplane(links.clone())));
+        }
+        let ops = Arc::new(Ops {
+            metrics: metrics.clone(),
+            hub: hub.clone(),
             budget: budget.clone(),
-            sessions,
-            store,
+            shutdown: shutdown.clone(),
+            links: links.clone(),
+        });
+        let http = Arc::new(HttpContext {
+            settings: HttpSettings {
+                domains: config.domains.clone(),
+                tls: acceptor.is_tls(),
+                proxies: config.proxies.clone(),
+                metrics_on_main: config.metrics_on_main,
+                peer_key: config.peer_key.clone(),
+                peer_envelopes: config.peer_envelopes,
+            },
+            sessions: sessions.clone(),
             site: crate::static_files::Site {
                 root: config.wwwroot.clone(),
                 domains: config.domains.clone(),
                 cache: crate::compression::StaticCache::new(config.static_cache_bytes),
                 budget: budget.clone(),
             },
-            _static_cache_share: Some(budget.charge(config.static_cache_bytes)),
+            ops: ops.clone(),
+            metrics: metrics.clone(),
+        });
+        let shared = Arc::new(Shared {
+            hub,
+            metrics,
+            budget: budget.clone(),
+            sessions,
+            store,
+            http,
+            ops,
+            links,
+            _static_cache_share: budget.charge(config.static_cache_bytes),
             config,
             shutdown,
             acceptor: acceptor.clone(),
             ip_limiter: ip_rate.map(IpRateLimiter::new),
             ip_connections: per_ip_limit.map(IpConnections::new),
         });
-        if !shared.config.peers.urls.is_empty() {
-            let peers =
-                crate::peer::Peers::new(Arc::downgrade(&shared), shared.config.peers.clone())?;
-            shared.hub.set_backplane(Arc::new(peers));
-        }
-        if let Some(nats) = &shared.config.nats {
-            let nats = crate::nats::Nats::connect(Arc::downgrade(&shared), nats.clone()).await?;
-            shared.hub.set_backplane(Arc::new(nats));
-        }
         Ok(Server {
             listener,
             metrics_listener,
@@ -297,7 +307,7 @@ impl Server {
             trigger,
             connections,
         } = self;
-        let handler = http::routes(shared.clone());
+        let handler = http::routes(shared.http.clone());
         info!(
             "listening on {} ({}), domains {:?}",
             listener.local_addr().map_err(Error::Io)?,
@@ -312,7 +322,8 @@ impl Server {
         let metrics_server = match metrics_listener {
             Some(l) => {
                 info!("serving /metrics on {}", l.local_addr().map_err(Error::Io)?);
-                Some(tokio::spawn(crate::admin::serve(l, shared.clone())))
+                let timeout = shared.config.handshake_timeout;
+                Some(tokio::spawn(admin::serve(l, shared.ops.clone(), timeout)))
             }
             None => None,
         };
@@ -369,18 +380,59 @@ impl Server {
     }
 }
 
-/// The next connection on `listener`. Accept errors (out of file descriptors, mostly) are
-/// logged and retried after a pause instead of spinning.
-pub(crate) async fn accept(listener: &TcpListener, which: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(e) => {
-                error!("accept on the {which} listener failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+/// The links to other servers the configuration asks for: one transport per `--peer`, or
+/// NATS with `--nats` (never both).
+async fn links(
+    config: &Config,
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+    budget: &Arc<Budget>,
+    sweeper: &Arc<Sweeper>,
+    shutdown: &Shutdown,
+) -> Result<Option<Arc<Links>>, Error> {
+    let mut transports: Vec<(Arc<dyn Transport>, LinkCounters)> = Vec::new();
+    let peer_counters = LinkCounters {
+        up: metrics.peer_links_up.clone(),
+        failures: metrics.peer_link_failures.clone(),
+    };
+    let identity = Identity {
+        server_id: config.server_id.clone(),
+        key: config.key.clone(),
+        peer_key: config.peer_key.clone(),
+    };
+    for url in &config.peers.urls {
+        let transport = PeerTransport::new(
+            url.clone(),
+            config.peers.ca.as_deref(),
+            identity.clone(),
+            config.session.max_message_size,
+            budget.clone(),
+            sweeper.clone(),
+        )?;
+        transports.push((Arc::new(transport), peer_counters.clone()));
     }
+    if let Some(nats) = &config.nats {
+        let per_subject = config.hub.history_limit + config.hub.queue_frames;
+        let transport = NatsTransport::connect(
+            nats.clone(),
+            &config.server_id,
+            per_subject,
+            metrics.clone(),
+            budget.clone(),
+        )
+        .await?;
+        transports.push((transport, LinkCounters::default()));
+    }
+    if transports.is_empty() {
+        return Ok(None);
+    }
+    let context = LinkContext {
+        hub: hub.clone(),
+        shutdown: shutdown.clone(),
+        grace: config.peers.grace,
+        pause_limit: config.session.write_timeout,
+    };
+    Ok(Some(Links::new(context, transports)))
 }
 
 async fn accept_loop(
@@ -441,7 +493,7 @@ async fn serve_connection(
         let permit = permit.clone();
         service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(http::PeerAddr(peer));
-            http::dispatch(req, handler.clone(), shared.clone(), permit.clone())
+            http::dispatch(req, handler.clone(), shared.http.clone(), permit.clone())
         })
     };
     let conn = http1::Builder::new()
@@ -498,56 +550,16 @@ async fn redirect_loop(
         let Some(permit) = shared.admit(peer, &connections, "redirect") else {
             continue;
         };
+        let domains = shared.config.domains.clone();
         serve_plain(
             tcp,
             peer,
             permit,
-            shared.clone(),
-            "redirect",
-            move |shared, req| redirect_response(&shared.config.domains, https_port, req),
+            shared.config.handshake_timeout,
+            shared.shutdown.clone(),
+            move |req| redirect_response(&domains, https_port, req),
         );
     }
-}
-
-/// Serves one plain-HTTP connection on a side listener (redirect, metrics) in its own task,
-/// answering each request with `respond`, under the header timeout, until it closes or
-/// shutdown begins.
-pub(crate) fn serve_plain<F, P>(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    permit: P,
-    shared: Arc<Shared>,
-    which: &'static str,
-    respond: F,
-) where
-    F: Fn(&Shared, &hyper::Request<hyper::body::Incoming>) -> ::http::Response<String>
-        + Send
-        + Sync
-        + 'static,
-    P: Send + 'static,
-{
-    tokio::spawn(async move {
-        let _permit = permit;
-        let mut shutdown = shared.shutdown.clone();
-        let service = {
-            let shared = shared.clone();
-            service_fn(move |req| {
-                let response = respond(&shared, &req);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            })
-        };
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(shared.config.handshake_timeout)
-            .serve_connection(TokioIo::new(tcp), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result { debug!("{peer} ({which}): {e}"); }
-            }
-            _ = shutdown.recv() => {}
-        }
-    });
 }
 
 /// A 301 to the same path and query over HTTPS for the configured domains, 404 otherwise.

@@ -24,46 +24,18 @@ use futures::future::BoxFuture;
 use log::debug;
 
 use crate::budget::{Budget, Need, Reservation};
+use crate::config::SessionConfig;
+use crate::connection::BoxedIo;
 use crate::connection::{Connection, Event, Flow, ReadError, ReadStop};
 use crate::frame::{Frame, FrameKind};
-use crate::hub::{Entry, Hub, JoinError, Member, MemberKind, MsgKey};
+use crate::hub::{Entry, Hub, JoinError, Member, MemberKind};
 use crate::limits::{MessageRate, Permit};
+use crate::link::peer::{open_envelope, seal_envelope};
 use crate::logging::{notable, Notable};
 use crate::metrics::Metrics;
-use crate::protocol::{self, close, Envelope, EnvelopeKind, PeerKey, PeerRole};
+use crate::protocol::{self, close, PeerKey, PeerRole};
 use crate::sweeper::{self, Expiry, Registration, Sweeper};
-use crate::tls::BoxedIo;
 use crate::websocket::{self, Opcode, ProtocolError, Role};
-
-/// Per-connection limits and timers.
-#[derive(Clone, Debug)]
-pub struct SessionConfig {
-    pub max_message_size: usize,
-    pub first_frame_timeout: Duration,
-    pub ping_interval: Duration,
-    pub missed_pongs: u32,
-    pub write_timeout: Duration,
-    /// At most this many frames per window from a client.
-    pub message_rate: Option<(u32, Duration)>,
-    /// Close a client that sent nothing for this long.
-    pub idle_timeout: Option<Duration>,
-    /// Close a client connection this old.
-    pub max_age: Option<Duration>,
-}
-
-impl SessionConfig {
-    /// The deadlines the sweeper enforces for sessions.
-    pub fn deadlines(&self) -> sweeper::Deadlines {
-        sweeper::Deadlines {
-            first_frame: self.first_frame_timeout,
-            ping_interval: self.ping_interval,
-            missed_pongs: self.missed_pongs,
-            write_timeout: self.write_timeout,
-            idle: self.idle_timeout,
-            max_age: self.max_age,
-        }
-    }
-}
 
 /// Frames taken from the channel per lock; bounds the time the lock is held.
 pub const FETCH_FRAMES: usize = 256;
@@ -110,9 +82,6 @@ pub enum Mode {
     Client,
     /// A server of this kind that proved the peer key: every frame in an envelope.
     Peer,
-    /// A plain mles v2 server this server linked to as a client: bare frames, de-duplicated
-    /// by content.
-    PeerPlain,
 }
 
 /// How a session ended; decides the close frame sent.
@@ -132,7 +101,7 @@ pub enum End {
 
 impl End {
     /// The close frame this end sends, if any.
-    pub fn close_frame(&self) -> Option<(u16, String)> {
+    fn close_frame(&self) -> Option<(u16, String)> {
         let (code, reason) = match self {
             End::Expired(Expiry::Shutdown) => (close::GOING_AWAY, "server shutting down"),
             End::Expired(Expiry::Idle) => (close::GOING_AWAY, "idle timeout"),
@@ -479,9 +448,9 @@ struct Serving<'a> {
     counts: Counts,
 }
 
-/// Pumps frames between a joined connection and its channel until either side ends:
-/// for clients and peers that connected here, and for this server's links to its peers.
-pub async fn serve(
+/// Pumps frames between a joined connection and its channel until either side ends: for
+/// clients, and for peers that link to this server.
+async fn serve(
     conn: &mut Connection<BoxedIo>,
     member: &Member,
     sessions: &Sessions,
@@ -632,7 +601,6 @@ impl Serving<'_> {
                             };
                             member.relay(key, live, frame)
                         }
-                        Mode::PeerPlain => member.relay_by_content(frame),
                     };
                     if published.pause {
                         *paused = true;
@@ -729,64 +697,13 @@ impl Serving<'_> {
                     self.conn.queue_prefixed(&prefix, payload);
                 }
             }
-            Mode::PeerPlain => {
-                self.member
-                    .fetch_entries(&mut self.entries, FETCH_FRAMES, FETCH_BYTES)
-                    .map_err(|_| End::SlowConsumer)?;
-                // A plain server has no place for other members' join frames.
-                for entry in self.entries.drain(..).filter(|e| e.live) {
-                    self.counts.messages_out += 1;
-                    self.counts.bytes_out += entry.frame.len() as u64;
-                    self.conn.queue_frame(&entry.frame);
-                }
-            }
         }
         Ok(())
     }
 }
 
-/// The key, liveness and frame inside a peer's envelope; the frame shares the envelope's
-/// bytes (and their memory charge).
-pub fn open_envelope(frame: &Frame) -> Option<(MsgKey, bool, Frame)> {
-    if frame.kind() != FrameKind::Binary {
-        return None;
-    }
-    let data = frame.data();
-    let envelope = Envelope::decode(data).ok()?;
-    let key = MsgKey {
-        origin: Arc::from(envelope.origin),
-        seq: envelope.seq,
-    };
-    let payload = data.slice_ref(envelope.payload);
-    let (kind, live) = match envelope.kind {
-        EnvelopeKind::Binary => (FrameKind::Binary, true),
-        EnvelopeKind::Text => (FrameKind::Text, true),
-        EnvelopeKind::Join => (FrameKind::Text, false),
-    };
-    // decode checked that text is UTF-8
-    let frame = Frame::new(kind, payload)?;
-    Some((key, live, frame))
-}
-
-/// A stored entry as a peer link carries it: the envelope's prefix and the payload.
-pub fn seal_envelope(entry: &Entry) -> (Vec<u8>, Bytes) {
-    let kind = match (entry.frame.kind(), entry.live) {
-        (FrameKind::Text, true) => EnvelopeKind::Text,
-        (FrameKind::Text, false) => EnvelopeKind::Join,
-        (FrameKind::Binary, _) => EnvelopeKind::Binary,
-    };
-    let prefix = Envelope {
-        kind,
-        origin: &entry.key.origin,
-        seq: entry.key.seq,
-        payload: &[],
-    }
-    .prefix();
-    (prefix, entry.frame.data().clone())
-}
-
 /// Sends a close frame with `code` and `reason` and waits (briefly) for it to be written.
-pub async fn closing(conn: &mut Connection<BoxedIo>, code: u16, reason: &str) {
+async fn closing(conn: &mut Connection<BoxedIo>, code: u16, reason: &str) {
     conn.queue_control(Opcode::Close, &websocket::close_payload(code, reason));
     let write = std::future::poll_fn(|cx| conn.poll_write(cx));
     if tokio::time::timeout(CLOSE_TIMEOUT, write).await.is_ok() {

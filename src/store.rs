@@ -44,8 +44,9 @@ use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::budget::{charge_frame, Budget};
+use crate::config::HubConfig;
 use crate::frame::{Frame, FrameKind};
-use crate::hub::{Channel, Entry, HubConfig, MsgKey, Recorder};
+use crate::hub::{Channel, Entry, MsgKey, Recorder};
 use crate::metrics::Metrics;
 
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);

@@ -48,6 +48,19 @@ pub struct Deadlines {
     pub max_age: Option<Duration>,
 }
 
+impl From<&crate::config::SessionConfig> for Deadlines {
+    fn from(config: &crate::config::SessionConfig) -> Deadlines {
+        Deadlines {
+            first_frame: config.first_frame_timeout,
+            ping_interval: config.ping_interval,
+            missed_pongs: config.missed_pongs,
+            write_timeout: config.write_timeout,
+            idle: config.idle_timeout,
+            max_age: config.max_age,
+        }
+    }
+}
+
 /// Why the sweeper ends a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

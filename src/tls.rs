@@ -10,7 +10,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
@@ -22,7 +21,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_acme::caches::DirCache;
 use rustls_acme::{AcmeConfig, AcmeState, EventOk, ResolvesServerCertAcme};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
@@ -30,11 +29,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use crate::config::{Config, TlsConfig};
 use crate::Error;
 
-/// A connection's byte stream, plain or TLS.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-pub type BoxedIo = Pin<Box<dyn Io>>;
+pub use crate::connection::BoxedIo;
 
 /// Turns accepted TCP connections into HTTP byte streams.
 pub enum Acceptor {

@@ -27,7 +27,7 @@ async fn keyed_server(
     let id = id.to_string();
     let urls: Vec<_> = peers
         .iter()
-        .map(|p| mles::peer::parse_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
+        .map(|p| mles::config::parse_peer_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
         .collect();
     start_with(move |c| {
         c.listen = SocketAddr::from(([127, 0, 0, 1], port));

@@ -179,7 +179,7 @@ async fn the_compressed_cache_keeps_within_its_bound_and_serves_edited_files_fre
         c.static_cache_bytes = BOUND;
     })
     .await;
-    let cache = &server.shared.site.cache;
+    let cache = &server.shared.http.site.cache;
     assert_eq!(cache.capacity(), BOUND);
     assert!(cache.is_empty());
 
@@ -466,10 +466,8 @@ async fn metrics_are_not_on_the_main_listener_unless_asked_for() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert!(!String::from_utf8_lossy(&reply.body).contains("mles_"));
     let peer = "127.0.0.1:40000".parse().unwrap();
-    assert!(!mles::http::metrics_allowed(
-        &server.shared.config,
-        Some(peer)
-    ));
+    let on_main = server.shared.config.metrics_on_main;
+    assert!(!mles::http::metrics_allowed(on_main, Some(peer)));
 }
 
 #[tokio::test]
@@ -479,8 +477,8 @@ async fn metrics_on_the_main_listener_answer_loopback_clients_only() {
     assert_eq!(reply.status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&reply.body).contains("mles_connections_accepted_total"));
 
-    let config = &server.shared.config;
-    let allowed = |peer: &str| mles::http::metrics_allowed(config, Some(peer.parse().unwrap()));
+    let on_main = server.shared.config.metrics_on_main;
+    let allowed = |peer: &str| mles::http::metrics_allowed(on_main, Some(peer.parse().unwrap()));
     assert!(allowed("127.0.0.1:40000"));
     assert!(allowed("127.8.9.10:40000"));
     assert!(allowed("[::1]:40000"));
@@ -488,5 +486,5 @@ async fn metrics_on_the_main_listener_answer_loopback_clients_only() {
     assert!(!allowed("10.0.0.1:40000"));
     assert!(!allowed("[2001:db8::1]:40000"));
     assert!(!allowed("[::ffff:192.0.2.1]:40000"));
-    assert!(!mles::http::metrics_allowed(config, None));
+    assert!(!mles::http::metrics_allowed(on_main, None));
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use mles::nats::NatsConfig;
+use mles::config::NatsConfig;
 
 /// Longest wait for anything that crosses NATS, reconnects included.
 const SLOW: Duration = Duration::from_secs(40);
@@ -173,9 +173,9 @@ async fn health(server: &TestServer) -> (u16, String) {
 async fn last_in_stream(nats: &NatsServer, channel: &str) -> Option<String> {
     let client = async_nats::connect(nats.url()).await.ok()?;
     let js = async_nats::jetstream::new(client);
-    let stream = js.get_stream(mles::nats::STREAM).await.ok()?;
+    let stream = js.get_stream(mles::link::nats::STREAM).await.ok()?;
     let message = stream
-        .get_last_raw_message_by_subject(&mles::nats::subject(channel))
+        .get_last_raw_message_by_subject(&mles::link::nats::subject(channel))
         .await
         .ok()?;
     String::from_utf8(message.payload.to_vec()).ok()
@@ -408,7 +408,7 @@ async fn a_nats_restart_during_traffic_loses_nothing_and_delivery_resumes() {
     // The cluster's history holds each frame once: 3 join frames, a1's 15, b1's 10.
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream(mles::nats::STREAM).await.unwrap();
+    let mut stream = js.get_stream(mles::link::nats::STREAM).await.unwrap();
     let stored = stream.info().await.unwrap().state.messages;
     if stored != 28 {
         let mut dump = Vec::new();

@@ -32,7 +32,7 @@ async fn peer_server_with(
     let id = id.to_string();
     let urls: Vec<_> = peers
         .iter()
-        .map(|p| mles::peer::parse_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
+        .map(|p| mles::config::parse_peer_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
         .collect();
     start_with(move |c| {
         c.listen = SocketAddr::from(([127, 0, 0, 1], port));
@@ -280,4 +280,39 @@ async fn authenticated_peer_links_are_not_held_to_the_per_address_limit() {
         Ok(reply) => panic!("a third connection from one address got in: {reply:?}"),
         Err(e) => assert!(!e.is_timeout(), "not closed in time: {e:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_link_closes_after_the_grace_period_even_while_the_remote_side_keeps_talking() {
+    let [a, b] = free_ports::<2>();
+    let sb = peer_server("b", b, &[], false).await;
+    let sa = peer_server("a", a, &[b], false).await;
+    let mut clients = clients_on(&[&sa, &sb], "chatty", 1).await;
+    let (_, mut on_b) = clients.pop().unwrap();
+    drop(clients); // a's only client leaves
+    let left = tokio::time::Instant::now();
+    // b's client keeps talking over the link the whole time.
+    let talker = tokio::spawn(async move {
+        for i in 0..100 {
+            send_text(&mut on_b, &format!("still here {i}")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        on_b
+    });
+    let shared = sa.shared.clone();
+    wait_until("a's link closed", Duration::from_secs(6), async || {
+        shared.metrics.peer_links_up.get() == 0
+    })
+    .await;
+    // The grace period is one second (see peer_server_with), measured from the last local
+    // client leaving, not from the last frame.
+    assert!(
+        left.elapsed() >= Duration::from_millis(900),
+        "closed before the grace period"
+    );
+    assert!(
+        !talker.is_finished(),
+        "b stopped talking before the link closed"
+    );
+    talker.abort();
 }

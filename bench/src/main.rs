@@ -17,17 +17,11 @@
 //! `cluster-fanout` starts a `nats-server -js` and three mles servers linked through it
 //! (the relay has no cluster mode), and is reported next to the single-server fanout-100.
 
-#[path = "mles_bench/client.rs"]
 mod client;
-#[path = "mles_bench/cluster.rs"]
 mod cluster;
-#[path = "mles_bench/procs.rs"]
 mod procs;
-#[path = "mles_bench/relay.rs"]
 mod relay;
-#[path = "mles_bench/scenario.rs"]
 mod scenario;
-#[path = "mles_bench/stats.rs"]
 mod stats;
 
 use std::net::{IpAddr, SocketAddr};

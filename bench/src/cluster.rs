@@ -60,14 +60,6 @@ struct Nats {
     dir: PathBuf,
 }
 
-#[cfg(unix)]
-mod signal {
-    pub const SIGKILL: i32 = 9;
-    extern "C" {
-        pub fn kill(pid: i32, sig: i32) -> i32;
-    }
-}
-
 impl Nats {
     async fn start(binary: &Path, workdir: &Path) -> Result<Nats, String> {
         let port = procs::free_port().map_err(|e| format!("no free port: {e}"))?;
@@ -126,13 +118,14 @@ impl Nats {
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
-        #[cfg(unix)]
-        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
-            // SAFETY: kill(2) with a negative pid signals the process group the child leads
-            // (process_group(0) at spawn); the child is unreaped, so the id is not reused.
-            unsafe {
-                signal::kill(-pid, signal::SIGKILL);
-            }
+        // The child leads its own process group (process_group(0) at spawn) and is
+        // unreaped, so its id is not reused.
+        if let Some(pid) = self
+            .child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
         let _ = self.child.start_kill();
     }

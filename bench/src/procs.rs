@@ -176,46 +176,19 @@ pub fn sibling(name: &str) -> PathBuf {
         .join(name)
 }
 
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-mod rlimit {
-    #[repr(C)]
-    pub struct RLimit {
-        pub cur: u64,
-        pub max: u64,
-    }
-    /// RLIMIT_NOFILE on Linux (all mainstream architectures).
-    pub const NOFILE: i32 = 7;
-    extern "C" {
-        pub fn getrlimit(resource: i32, limit: *mut RLimit) -> i32;
-        pub fn setrlimit(resource: i32, limit: *const RLimit) -> i32;
-    }
-}
-
 /// Raises the soft open-files limit to the hard one; children inherit it. Returns the soft
-/// limit in force afterwards.
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+/// limit in force afterwards (0 if unknown or unlimited).
 pub fn raise_nofile() -> u64 {
-    let mut limit = rlimit::RLimit { cur: 0, max: 0 };
-    // SAFETY: getrlimit/setrlimit from the C library std already links, with a properly
-    // sized and aligned `struct rlimit` (two rlim_t = u64 on 64-bit Linux).
-    unsafe {
-        if rlimit::getrlimit(rlimit::NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.cur < limit.max {
-            let raised = rlimit::RLimit {
-                cur: limit.max,
-                max: limit.max,
-            };
-            if rlimit::setrlimit(rlimit::NOFILE, &raised) == 0 {
-                limit.cur = limit.max;
-            }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum || (limit.current.is_some() && limit.maximum.is_none()) {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return limit.maximum.unwrap_or(0);
         }
     }
-    limit.cur
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-pub fn raise_nofile() -> u64 {
-    0
+    limit.current.unwrap_or(0)
 }

@@ -8,7 +8,7 @@
 //! frames, pong replies and close.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 pub const OP_TEXT: u8 = 0x1;
@@ -42,10 +42,41 @@ pub struct Target {
     pub tls: Option<TlsConnector>,
 }
 
+/// How one client's socket is set up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOpts {
+    /// Local address to bind before connecting (127.0.0.x spreads clients over more ports
+    /// than one address has).
+    pub source: Option<IpAddr>,
+    /// SO_RCVBUF, for a client that stops reading and should fill its buffers soon.
+    pub recv_buffer: Option<u32>,
+}
+
+/// A TCP connection to `addr` set up as `opts` says, with TCP_NODELAY.
+pub async fn tcp_connect(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpStream> {
+    let tcp = if opts.source.is_none() && opts.recv_buffer.is_none() {
+        TcpStream::connect(addr).await?
+    } else {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(size) = opts.recv_buffer {
+            socket.set_recv_buffer_size(size)?;
+        }
+        if let Some(ip) = opts.source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        socket.connect(addr).await?
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 impl Target {
-    async fn open(&self) -> io::Result<BoxIo> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        tcp.set_nodelay(true)?;
+    async fn open(&self, opts: SocketOpts) -> io::Result<BoxIo> {
+        let tcp = tcp_connect(self.addr, opts).await?;
         match &self.tls {
             None => Ok(Box::new(tcp)),
             Some(connector) => {
@@ -106,8 +137,15 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-/// A TLS client for self-signed loopback servers.
+/// A TLS client for self-signed loopback servers (rustls's default session cache: it
+/// resumes when the server lets it).
 pub fn tls_connector() -> TlsConnector {
+    TlsConnector::from(tls_config(true))
+}
+
+/// The client configuration: certificates unchecked, handshake signatures checked; with
+/// `resumption`, rustls's in-memory session cache, otherwise every handshake is full.
+pub fn tls_config(resumption: bool) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -116,7 +154,10 @@ pub fn tls_connector() -> TlsConnector {
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    TlsConnector::from(Arc::new(config))
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(config)
 }
 
 /// Appends one masked client frame to `out`.
@@ -162,7 +203,18 @@ impl Conn {
         channel: &str,
         buf_size: usize,
     ) -> io::Result<Conn> {
-        let mut io = target.open().await?;
+        Conn::connect_with(target, SocketOpts::default(), uid, channel, buf_size).await
+    }
+
+    /// [`Conn::connect`] with socket options.
+    pub async fn connect_with(
+        target: &Target,
+        opts: SocketOpts,
+        uid: &str,
+        channel: &str,
+        buf_size: usize,
+    ) -> io::Result<Conn> {
+        let mut io = target.open(opts).await?;
         io.write_all(UPGRADE_REQUEST).await?;
         io.flush().await?;
         let mut conn = Conn {
@@ -270,6 +322,14 @@ impl Conn {
     /// buffered are dropped (a publisher ignores what it receives).
     pub fn into_io(self) -> BoxIo {
         self.io
+    }
+}
+
+/// The status code of a close frame's payload (1005, "no status", when it has none).
+pub fn close_code(payload: &[u8]) -> u16 {
+    match payload {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+        _ => 1005,
     }
 }
 

@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use crate::relay::Design;
+
 /// Which server a run measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Mles,
-    Relay,
+    /// `mles-bench relay --design ...`: a minimal relay, the ceiling.
+    Relay(Design),
     /// A server this bench did not start (`--server`).
     External,
 }
@@ -20,9 +23,14 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Mles => "mles",
-            Kind::Relay => "relay",
+            Kind::Relay(Design::Queues) => "relay-queues",
+            Kind::Relay(Design::Ring) => "relay-ring",
             Kind::External => "server",
         }
+    }
+
+    pub fn is_relay(self) -> bool {
+        matches!(self, Kind::Relay(_))
     }
 }
 
@@ -76,9 +84,13 @@ impl Launch {
                 cmd
             }
             Kind::External => return Err("an external server is not started".into()),
-            Kind::Relay => {
+            Kind::Relay(design) => {
                 let mut cmd = Command::new(&self.relay);
                 cmd.args(["relay", "--bind", "127.0.0.1", "--port", &port.to_string()]);
+                cmd.arg(match design {
+                    Design::Queues => "--design=queues",
+                    Design::Ring => "--design=ring",
+                });
                 if tls {
                     cmd.arg("--tls");
                 }

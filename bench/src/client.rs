@@ -214,15 +214,33 @@ impl Conn {
         channel: &str,
         buf_size: usize,
     ) -> io::Result<Conn> {
+        let mut conn = Conn::connect_raw_with(target, opts).await?;
+        let join = format!(r#"{{"uid":"{uid}","channel":"{channel}"}}"#);
+        let mut out = Vec::with_capacity(join.len() + 16);
+        conn.mask = mask_for(uid);
+        encode_frame(&mut out, OP_TEXT, join.as_bytes(), conn.mask);
+        conn.send(&out).await?;
+        if buf_size > conn.buf.len() {
+            conn.buf.resize(buf_size, 0);
+        }
+        Ok(conn)
+    }
+
+    /// Connects and upgrades, without a join frame (for clients that misbehave).
+    pub async fn connect_raw(target: &Target) -> io::Result<Conn> {
+        Conn::connect_raw_with(target, SocketOpts::default()).await
+    }
+
+    async fn connect_raw_with(target: &Target, opts: SocketOpts) -> io::Result<Conn> {
         let mut io = target.open(opts).await?;
         io.write_all(UPGRADE_REQUEST).await?;
         io.flush().await?;
         let mut conn = Conn {
             io,
-            buf: vec![0; buf_size.max(1024)],
+            buf: vec![0; 1024],
             start: 0,
             end: 0,
-            mask: mask_for(uid),
+            mask: [0x5a, 0x3c, 0x96, 0x71],
         };
         loop {
             if let Some(pos) = find(&conn.buf[..conn.end], b"\r\n\r\n") {
@@ -245,10 +263,6 @@ impl Conn {
             }
             conn.end += n;
         }
-        let join = format!(r#"{{"uid":"{uid}","channel":"{channel}"}}"#);
-        let mut out = Vec::with_capacity(join.len() + 16);
-        encode_frame(&mut out, OP_TEXT, join.as_bytes(), conn.mask);
-        conn.send(&out).await?;
         Ok(conn)
     }
 
@@ -342,6 +356,47 @@ fn mask_for(uid: &str) -> [u8; 4] {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One TLS connection as a browser makes it: TCP connect from `opts`, TLS handshake with
+/// `config` under `name`, and the WebSocket upgrade (whose response also carries the
+/// server's session tickets to the client). Returns whether the handshake was a resumed one.
+pub async fn tls_upgrade(
+    addr: SocketAddr,
+    opts: SocketOpts,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> io::Result<bool> {
+    let tcp = tcp_connect(addr, opts).await?;
+    let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
+    tls.write_all(UPGRADE_REQUEST).await?;
+    tls.flush().await?;
+    let mut buf = vec![0u8; 1024];
+    let mut end = 0;
+    loop {
+        if let Some(pos) = find(&buf[..end], b"\r\n\r\n") {
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                let line = buf[..pos].split(|&b| b == b'\r').next().unwrap_or(&[]);
+                return Err(invalid(format!(
+                    "upgrade refused: {}",
+                    String::from_utf8_lossy(line)
+                )));
+            }
+            break;
+        }
+        if end == buf.len() {
+            return Err(invalid("upgrade response too long"));
+        }
+        let n = tls.read(&mut buf[end..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        end += n;
+    }
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    // Close as a client does: close_notify, then the TCP close.
+    let _ = tls.shutdown().await;
+    Ok(resumed)
 }
 
 #[cfg(test)]

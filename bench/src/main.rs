@@ -25,6 +25,7 @@ mod reader;
 mod relay;
 mod scale;
 mod scenario;
+mod soak;
 mod stats;
 
 use std::net::{IpAddr, SocketAddr};
@@ -61,6 +62,12 @@ enum Command {
     Run(RunArgs),
     /// Serve the minimal relay: no history, no auth, no limits; the ceiling mles is compared to.
     Relay(RelayArgs),
+    /// Churn, publish, read slowly, send bad and oversize frames for --minutes against a
+    /// fresh mles; sample its RSS every second.
+    Soak(soak::SoakArgs),
+    /// A load-generator process of the scale scenarios (started by the bench itself).
+    #[command(hide = true)]
+    Worker(scale::WorkerArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -131,6 +138,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Relay(args)) => relay_main(args),
+        Some(Command::Soak(args)) => soak::main(args),
+        Some(Command::Worker(args)) => match runtime().block_on(scale::worker(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mles-bench worker: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Run(args)) => run_main(args),
         None => run_main(cli.run),
     }

@@ -38,6 +38,8 @@ pub struct Tally {
     pub cut: AtomicUsize,
     /// Readers closed any other way (close code or dropped connection).
     pub closed: AtomicUsize,
+    /// Data frames out of sequence, all readers together.
+    pub errors: AtomicU64,
     /// Wakes whoever waits for progress.
     pub changed: Notify,
 }
@@ -168,6 +170,7 @@ pub async fn read(
                         let seq = u64_at(p, 20);
                         if seq != res.received {
                             res.errors += 1;
+                            tally.errors.fetch_add(1, Ordering::Relaxed);
                             if res.first_error.is_none() {
                                 res.first_error =
                                     Some(format!("expected frame {}, got {seq}", res.received));

@@ -791,7 +791,15 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
                 lat(2),
                 verdict,
                 opt(o.server_cpu_per_delivery, |c| format!("{c:.0} ns")),
-                opt(o.rss_per_conn, |r| format!("{:.1} KB", r / 1000.0)),
+                opt(o.rss_per_conn, |r| match o.rss_before_after {
+                    Some((b, a)) => format!(
+                        "{:.1} KB ({:.1} → {:.1} MB)",
+                        r / 1000.0,
+                        b as f64 / 1e6,
+                        a as f64 / 1e6
+                    ),
+                    None => format!("{:.1} KB", r / 1000.0),
+                }),
                 if mine { ratio_cell.as_str() } else { "" },
                 if mine { cpu_cell.as_str() } else { "" },
                 if mine {

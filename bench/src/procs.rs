@@ -179,6 +179,22 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// Busy CPU time of the whole machine in seconds (all processes, ours and others'), from
+/// /proc/stat: everything but idle and iowait.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // USER_HZ is 100 on Linux.
+    Some((total - idle) as f64 / 100.0)
+}
+
 /// The mles binary next to this one (target/release/mles after `cargo build --release`).
 pub fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()

@@ -398,8 +398,9 @@ pub struct Outcome {
     pub deliver_time: Option<Duration>,
     /// Bytes per connection on each server process.
     pub rss_per_conn: Vec<f64>,
-    /// CPU seconds of the servers and of the generators while connecting.
-    pub connect_cpu: Option<(f64, f64)>,
+    /// CPU seconds of the servers, of the generators and of the whole machine while
+    /// connecting.
+    pub connect_cpu: Option<(f64, f64, f64)>,
     /// Handshakes per second, full and resumed, the count that resumed, and server and
     /// generator CPU µs per handshake of each.
     pub handshakes: Option<Handshakes>,
@@ -409,10 +410,13 @@ pub struct Outcome {
 pub struct Handshakes {
     pub full_rate: f64,
     pub full_cpu_us: (f64, f64),
+    /// Cores busy on the whole machine meanwhile.
+    pub full_machine: f64,
     pub resumed_rate: f64,
     pub resumed: usize,
     pub attempted: usize,
     pub resumed_cpu_us: (f64, f64),
+    pub resumed_machine: f64,
 }
 
 impl Outcome {
@@ -455,13 +459,14 @@ async fn settled_rss(pids: &[u32]) -> Vec<u64> {
 
 /// Times `count` TLS connections (connect, handshake, upgrade, close), `HANDSHAKE_CONCURRENCY`
 /// at a time: full handshakes without a session cache, or resumed ones from a cache primed
-/// by one connection per slot. Returns (per second, resumed count, server CPU s, own CPU s).
+/// by one connection per slot. Returns (per second, resumed count, server CPU s, own CPU s,
+/// machine cores busy).
 async fn time_handshakes(
     addr: SocketAddr,
     server_pid: u32,
     count: usize,
     resume: bool,
-) -> Result<(f64, usize, f64, f64), String> {
+) -> Result<(f64, usize, f64, f64, f64), String> {
     let config = client::tls_config(resume);
     let slots = HANDSHAKE_CONCURRENCY;
     // A name per slot: each slot resumes its own sessions (the server ignores the name).
@@ -478,6 +483,7 @@ async fn time_handshakes(
     }
     let server_before = sum_cpu(&[server_pid]);
     let own_before = sum_cpu(&[std::process::id()]);
+    let machine_before = procs::machine_busy_secs().unwrap_or(0.0);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for slot in 0..slots {
@@ -509,6 +515,7 @@ async fn time_handshakes(
         resumed,
         sum_cpu(&[server_pid]) - server_before,
         sum_cpu(&[std::process::id()]) - own_before,
+        (procs::machine_busy_secs().unwrap_or(0.0) - machine_before) / secs,
     ))
 }
 
@@ -584,6 +591,8 @@ pub async fn run(spec: &Spec, launch: &Launch, timeout: Duration) -> Outcome {
                     handshakes = Some(Handshakes {
                         full_rate: f.0,
                         full_cpu_us: (f.2 / n * 1e6, f.3 / n * 1e6),
+                        full_machine: f.4,
+                        resumed_machine: r.4,
                         resumed_rate: r.0,
                         resumed: r.1,
                         attempted: spec.handshakes,
@@ -662,7 +671,7 @@ async fn hold(spec: &Spec, addrs: &[SocketAddr], pids: &[u32], tls: bool) -> Out
             (server, count)
         })
         .collect();
-    let cpu0 = (sum_cpu(pids), 0.0);
+    let cpu0 = (sum_cpu(pids), procs::machine_busy_secs().unwrap_or(0.0));
     let started = Instant::now();
     let mut workers = match Workers::spawn(&plan, tls, spec.channels, &prefix, run) {
         Ok(w) => w,
@@ -677,7 +686,11 @@ async fn hold(spec: &Spec, addrs: &[SocketAddr], pids: &[u32], tls: bool) -> Out
         .wait(|s| s.connected + s.failed >= spec.total, far)
         .await;
     outcome.connect_time = Some(started.elapsed());
-    outcome.connect_cpu = Some((sum_cpu(pids) - cpu0.0, sum_cpu(&wpids)));
+    outcome.connect_cpu = Some((
+        sum_cpu(pids) - cpu0.0,
+        sum_cpu(&wpids),
+        procs::machine_busy_secs().unwrap_or(0.0) - cpu0.1,
+    ));
     let status = workers.total();
     if !connected || status.failed > 0 {
         outcome.error = Some(format!(
@@ -753,6 +766,17 @@ async fn hold(spec: &Spec, addrs: &[SocketAddr], pids: &[u32], tls: bool) -> Out
     outcome
 }
 
+/// What bounds a phase that kept `cores` of the machine busy: its CPU when (nearly) every
+/// core was busy, otherwise something else (connections in flight, the accept loop).
+fn bound(cores: f64) -> &'static str {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if cores >= 0.9 * n {
+        "bound by CPU"
+    } else {
+        "not CPU-bound"
+    }
+}
+
 /// Runs each scale spec `repeat` times and prints a table.
 pub async fn measure_and_print(specs: &[Spec], launch: &Launch, repeat: usize) -> bool {
     let mut rows = Vec::new();
@@ -792,7 +816,7 @@ pub async fn measure_and_print(specs: &[Spec], launch: &Launch, repeat: usize) -
     );
     println!();
     println!(
-        "| scenario | connected | connect/s | CPU while connecting (server / generators) | RSS/conn \
+        "| scenario | connected | connect/s | CPU while connecting (servers / generators / whole machine) | RSS/conn \
          | formed | 1 frame reached exactly once | cut off (1013) | closed otherwise | verdict | \
          scenario time |"
     );
@@ -803,9 +827,15 @@ pub async fn measure_and_print(specs: &[Spec], launch: &Launch, repeat: usize) -
             let rate = o
                 .connect_time
                 .map(|t| si(o.status.connected as f64 / t.as_secs_f64()));
-            let cpu = o.connect_cpu.zip(o.connect_time).map(|((s, g), t)| {
+            let cpu = o.connect_cpu.zip(o.connect_time).map(|((s, g, m), t)| {
                 let t = t.as_secs_f64();
-                format!("{:.2} / {:.2} cores", s / t, g / t)
+                format!(
+                    "{:.2} / {:.2} / {:.2} cores ({})",
+                    s / t,
+                    g / t,
+                    m / t,
+                    bound(m / t)
+                )
             });
             let rss: Vec<String> = o
                 .rss_per_conn
@@ -859,19 +889,27 @@ pub async fn measure_and_print(specs: &[Spec], launch: &Launch, repeat: usize) -
              handshake of the server and of the generator, which share the 2 cores):"
         );
         println!();
-        println!("| scenario | full handshakes/s | CPU/handshake (server / generator) | resumed handshakes/s | really resumed | CPU/handshake (server / generator) |");
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!(
+            "| scenario | full handshakes/s | CPU/handshake (server / generator) | machine | \
+             resumed handshakes/s | really resumed | CPU/handshake (server / generator) | machine |"
+        );
+        println!("|---|---:|---:|---|---:|---:|---:|---|");
         for (label, h) in hs_rows {
             println!(
-                "| {label} | {} | {:.0} / {:.0} µs | {} | {} of {} | {:.0} / {:.0} µs |",
+                "| {label} | {} | {:.0} / {:.0} µs | {:.2} cores busy ({}) | {} | {} of {} | \
+                 {:.0} / {:.0} µs | {:.2} cores busy ({}) |",
                 si(h.full_rate),
                 h.full_cpu_us.0,
                 h.full_cpu_us.1,
+                h.full_machine,
+                bound(h.full_machine),
                 si(h.resumed_rate),
                 h.resumed,
                 h.attempted,
                 h.resumed_cpu_us.0,
-                h.resumed_cpu_us.1
+                h.resumed_cpu_us.1,
+                h.resumed_machine,
+                bound(h.resumed_machine)
             );
         }
     }

@@ -141,7 +141,7 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
         label: name.to_string(),
         channels: 1,
         subs: 100,
-        frames: q(20_000, 1_000),
+        frames: q(50_000, 1_000),
         size: 128,
         rate: None,
         tls: false,
@@ -159,12 +159,12 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
         "channels-100x10" => vec![Spec {
             channels: 100,
             subs: 10,
-            frames: q(2_000, 100),
+            frames: q(5_000, 100),
             ..base
         }],
         "fanout-1000-1k" => vec![Spec {
             subs: q(1_000, 200) as usize,
-            frames: q(2_000, 200),
+            frames: q(5_000, 200),
             size: 1024,
             ..base
         }],
@@ -288,6 +288,8 @@ pub struct Outcome {
     pub server_cores_each: Vec<(String, f64)>,
     pub bench_cpu_per_delivery: Option<f64>,
     pub rss_per_conn: Option<f64>,
+    /// Server RSS in bytes before the clients connected and after they settled (idle).
+    pub rss_before_after: Option<(u64, u64)>,
 }
 
 impl Outcome {
@@ -303,6 +305,7 @@ impl Outcome {
             server_cores_each: Vec::new(),
             bench_cpu_per_delivery: None,
             rss_per_conn: None,
+            rss_before_after: None,
         }
     }
 }
@@ -764,6 +767,7 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
             rss_per_conn: rss_before
                 .zip(rss_after)
                 .map(|(b, a)| (a as f64 - b as f64) / total as f64),
+            rss_before_after: rss_before.zip(rss_after),
             ..Outcome::new(verdict)
         };
     }
@@ -893,5 +897,6 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
             .collect(),
         bench_cpu_per_delivery: per_delivery(bench_before, bench_after),
         rss_per_conn: None,
+        rss_before_after: None,
     }
 }

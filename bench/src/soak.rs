@@ -82,6 +82,10 @@ struct Counts {
     slow_sessions: AtomicUsize,
     slow_cut: AtomicUsize,
     slow_other: AtomicUsize,
+    /// Slow sessions that ended without any close frame (the server dropped them).
+    slow_dropped: AtomicUsize,
+    /// Seconds slow sessions lasted, all together.
+    slow_secs: AtomicU64,
     bad_sent: AtomicUsize,
     bad_closed: AtomicUsize,
     bad_hung: AtomicUsize,
@@ -455,11 +459,19 @@ async fn soak(args: SoakArgs) -> Result<bool, String> {
         c.churn_gaps.load(Ordering::Relaxed),
         c.churn_closed_by_server.load(Ordering::Relaxed),
     );
+    let slow_ended = c.slow_cut.load(Ordering::Relaxed)
+        + c.slow_other.load(Ordering::Relaxed)
+        + c.slow_dropped.load(Ordering::Relaxed);
     println!(
-        "| slow readers | {} sessions, {} cut off (1013), {} ended otherwise |",
+        "| slow readers (read 20 KB/s of a channel carrying about 100 KB/s) | {} sessions, {} \
+         closed with 1013, {} closed with another code, {} dropped without a close frame (the \
+         reader got to the end of what was sent before the drop), ended sessions lasted {:.0} s \
+         on average, the rest were still open at the end |",
         c.slow_sessions.load(Ordering::Relaxed),
         c.slow_cut.load(Ordering::Relaxed),
         c.slow_other.load(Ordering::Relaxed),
+        c.slow_dropped.load(Ordering::Relaxed),
+        c.slow_secs.load(Ordering::Relaxed) as f64 / slow_ended.max(1) as f64,
     );
     let codes = c.bad_codes.lock().unwrap_or_else(|e| e.into_inner());
     let by_kind: Vec<String> = codes
@@ -590,6 +602,7 @@ async fn slow_reader(
         return;
     };
     counts.slow_sessions.fetch_add(1, Ordering::Relaxed);
+    let began = Instant::now();
     let mut io = conn.into_io();
     let mut buf = vec![0u8; 4096];
     // The last bytes read, to find a close frame's code at the end of the stream.
@@ -620,11 +633,14 @@ async fn slow_reader(
         .rev()
         .find(|w| w[0] == 0x88 && (2..126).contains(&w[1]))
         .map(|w| u16::from_be_bytes([w[2], w[3]]));
-    if code == Some(TRY_AGAIN_LATER) {
-        counts.slow_cut.fetch_add(1, Ordering::Relaxed);
-    } else {
-        counts.slow_other.fetch_add(1, Ordering::Relaxed);
-    }
+    counts
+        .slow_secs
+        .fetch_add(began.elapsed().as_secs(), Ordering::Relaxed);
+    match code {
+        Some(TRY_AGAIN_LATER) => counts.slow_cut.fetch_add(1, Ordering::Relaxed),
+        Some(_) => counts.slow_other.fetch_add(1, Ordering::Relaxed),
+        None => counts.slow_dropped.fetch_add(1, Ordering::Relaxed),
+    };
 }
 
 /// One bad client, of kind `n % 5`; records how the server ended it.

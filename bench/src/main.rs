@@ -535,6 +535,9 @@ fn describe(o: &Outcome) -> String {
     if let Some(c) = o.server_cores {
         parts.push(format!("server {c:.2} cores"));
     }
+    if let Some(c) = o.machine_cores {
+        parts.push(format!("machine {c:.2} cores busy"));
+    }
     if !o.server_cores_each.is_empty() {
         let each: Vec<String> = o
             .server_cores_each
@@ -692,9 +695,10 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
     println!();
     println!(
         "| scenario | server | connect/s | deliveries/s | p50 | p99 | p99.9 | exactly-once in order \
-         | server CPU/delivery | RSS/conn | mles/ceiling | mles/ceiling CPU/delivery | time |"
+         | server CPU/delivery | cores busy (server / machine) | RSS/conn | mles/ceiling | \
+         mles/ceiling CPU/delivery | time |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|");
     let mut summary = Summary::default();
     // cluster-fanout right after the single-server fanout-100 it is compared with.
     let mut order: Vec<&Measured> = measured.iter().collect();
@@ -781,7 +785,7 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
                 format!("{} (ceiling: {})", kind.name(), marks.join(", "))
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 m.spec.label,
                 name,
                 opt(connect, si),
@@ -791,6 +795,10 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
                 lat(2),
                 verdict,
                 opt(o.server_cpu_per_delivery, |c| format!("{c:.0} ns")),
+                match (o.server_cores, o.machine_cores) {
+                    (Some(s), Some(m)) => format!("{s:.2} / {m:.2}"),
+                    _ => "–".into(),
+                },
                 opt(o.rss_per_conn, |r| match o.rss_before_after {
                     Some((b, a)) => format!(
                         "{:.1} KB ({:.1} → {:.1} MB)",

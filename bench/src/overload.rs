@@ -543,6 +543,8 @@ pub async fn measure_and_print(
                 runs.push((kind, outcome));
             }
         }
+        // Rows by server, in the order given, each server's runs in the order they ran.
+        runs.sort_by_key(|(kind, _)| kinds.iter().position(|k| k == kind));
         rows.push((spec.clone(), runs, started.elapsed()));
     }
     println!();

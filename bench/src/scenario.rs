@@ -283,6 +283,9 @@ pub struct Outcome {
     pub server_cpu_per_delivery: Option<f64>,
     /// Server CPU time over wall time while measuring.
     pub server_cores: Option<f64>,
+    /// Busy cores of the whole machine while measuring (ours and everyone else's: the
+    /// machine is shared, and a busy neighbour shows here).
+    pub machine_cores: Option<f64>,
     /// The same per server process (several only in a cluster): a name (the pid, unless the
     /// caller names it) and its cores, in the order of the pids.
     pub server_cores_each: Vec<(String, f64)>,
@@ -302,6 +305,7 @@ impl Outcome {
             latency: None,
             server_cpu_per_delivery: None,
             server_cores: None,
+            machine_cores: None,
             server_cores_each: Vec::new(),
             bench_cpu_per_delivery: None,
             rss_per_conn: None,
@@ -775,6 +779,7 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
     let cpu_before = sum_over(pids, procs::cpu_ns);
     let each_before: Vec<Option<u64>> = pids.iter().map(|&p| procs::cpu_ns(p)).collect();
     let bench_before = procs::cpu_ns(std::process::id());
+    let machine_before = procs::machine_busy_secs();
     let t0 = now_ns();
     let _ = go_tx.send(true);
     let mut results = Vec::with_capacity(spec.channels * spec.subs);
@@ -810,6 +815,8 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
     let cpu_after = sum_over(pids, procs::cpu_ns);
     let each_after: Vec<Option<u64>> = pids.iter().map(|&p| procs::cpu_ns(p)).collect();
     let bench_after = procs::cpu_ns(std::process::id());
+    let machine_after = procs::machine_busy_secs();
+    let wall = (now_ns() - t0) as f64 / 1e9;
     drop(pubs);
 
     let mut hist = Histogram::default();
@@ -883,6 +890,10 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
             .zip(cpu_after)
             .filter(|_| elapsed > 0.0)
             .map(|(b, a)| a.saturating_sub(b) as f64 / 1e9 / elapsed),
+        machine_cores: machine_before
+            .zip(machine_after)
+            .filter(|_| wall > 0.0)
+            .map(|(b, a)| (a - b) / wall),
         server_cores_each: pids
             .iter()
             .zip(each_before.iter().zip(&each_after))

@@ -303,10 +303,7 @@ impl NatsCluster {
         size: usize,
         ready: Duration,
     ) -> Result<NatsCluster, String> {
-        let mut ports = Vec::new();
-        for _ in 0..NATS_NODES * 2 {
-            ports.push(procs::free_port().map_err(|e| format!("no free port: {e}"))?);
-        }
+        let ports = procs::free_ports(NATS_NODES * 2).map_err(|e| format!("no free ports: {e}"))?;
         let (client, route) = ports.split_at(NATS_NODES);
         let mut cluster = NatsCluster {
             servers: Vec::new(),

@@ -89,6 +89,11 @@ struct RunArgs {
     /// (0: unlimited). Keep it below mles's --queue-frames (1024).
     #[arg(long, default_value_t = 256)]
     window: u64,
+    /// Frames a flat-out publisher writes with one write call. 1 (the default): every frame
+    /// on its own, as a browser or any WebSocket client sends them; more frames per write
+    /// let a server read many per syscall and flatter the servers that batch.
+    #[arg(long, default_value_t = 1)]
+    batch: u64,
     /// Seconds one run of a scenario may take before it is reported as TIMEOUT.
     #[arg(long, default_value_t = 90)]
     timeout: u64,
@@ -295,6 +300,7 @@ fn run_main(args: RunArgs) -> ExitCode {
     };
     let opts = Opts {
         window: args.window,
+        batch: args.batch.max(1),
         timeout: Duration::from_secs(args.timeout),
         connect_concurrency: args.connect_concurrency,
     };
@@ -653,12 +659,13 @@ fn print_table(measured: &[Measured], command: &str, args: &RunArgs, mles_args: 
     println!("`{command}`");
     println!();
     println!(
-        "{} cores; window {} frames; {} run(s) per server, median shown; every run on freshly \
-         started server processes (mles and each relay started anew per scenario and per \
+        "{} cores; window {} frames; flat-out publishers write {} frame(s) per write call; {} \
+         run(s) per server, median shown; every run on freshly started server processes (mles and each relay started anew per scenario and per \
          repeat, alternating which goes first); latency from the send timestamp in each \
          payload; server CPU from /proc/<pid>/task/*/schedstat.",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.window,
+        args.batch.max(1),
         args.repeat.max(1),
     );
     println!();

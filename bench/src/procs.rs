@@ -56,6 +56,18 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `n` distinct free ports: every listener is held until all are chosen, so the kernel
+/// cannot hand out one port twice.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
 impl Launch {
     pub async fn start(&self, kind: Kind, tls: bool) -> Result<Server, String> {
         self.spawn(kind, tls, &[]).await

@@ -44,7 +44,8 @@ use crate::stats::Histogram;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SYNC_INTERVAL: Duration = Duration::from_millis(20);
 const STALL: Duration = Duration::from_secs(5);
-/// Frames a flat-out publisher encodes into one write.
+/// Frames a flat-out publisher encodes into one write: the overload publishers always, the
+/// throughput ones unless `--batch` says otherwise.
 pub const BATCH: u64 = 32;
 /// Settling time before an idle scenario reads the server's memory.
 const IDLE_SETTLE: Duration = Duration::from_millis(500);
@@ -214,6 +215,8 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
 #[derive(Clone, Debug)]
 pub struct Opts {
     pub window: u64,
+    /// Frames a flat-out publisher writes per write call.
+    pub batch: u64,
     pub timeout: Duration,
     pub connect_concurrency: usize,
 }
@@ -542,6 +545,7 @@ async fn subscriber(
 
 struct PubParams {
     frames: u64,
+    batch: u64,
     size: usize,
     rate: Option<u64>,
     subs: usize,
@@ -599,7 +603,7 @@ async fn publish<W: tokio::io::AsyncWrite + Unpin>(
     mut go: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut payload = vec![0u8; p.size.max(HEADER)];
-    let mut out = Vec::with_capacity(BATCH as usize * (payload.len() + 14));
+    let mut out = Vec::with_capacity(p.batch as usize * (payload.len() + 14));
     let mut sync = 0;
     while chan.synced.load(Ordering::SeqCst) < p.subs {
         write_header(&mut payload, &SYNC, run.id, chan.index, sync, now_ns());
@@ -629,7 +633,7 @@ async fn publish<W: tokio::io::AsyncWrite + Unpin>(
         None => {
             let mut seq = 0;
             while seq < p.frames {
-                let want = BATCH.min(p.frames - seq);
+                let want = p.batch.min(p.frames - seq);
                 let room = if p.window == 0 {
                     want
                 } else {
@@ -686,6 +690,7 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
         .collect();
     let params = Arc::new(PubParams {
         frames: spec.frames,
+        batch: opts.batch.max(1),
         size: spec.size,
         rate: spec.rate,
         subs: spec.subs,

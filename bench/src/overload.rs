@@ -473,12 +473,21 @@ async fn join_burst(
         )
         .await;
     match formed {
-        Ok(true) => outcome.phase2 = Some(t0.elapsed()),
-        Ok(false) => {
+        // Formed only if every member is there to see the sync: a channel whose members
+        // were cut off did not form, however soon the rest saw it.
+        Ok(true) if tally.synced.load(Ordering::SeqCst) >= members => {
+            outcome.phase2 = Some(t0.elapsed())
+        }
+        Ok(_) if !publisher.closed() => {
             outcome.error.get_or_insert(format!(
                 "did not form: {} of {connected} synced",
                 tally.synced.load(Ordering::SeqCst)
             ));
+        }
+        Ok(_) => {
+            outcome
+                .error
+                .get_or_insert("the server closed the publisher".into());
         }
         Err(e) => {
             outcome.error.get_or_insert(publisher_error(&publisher, e));

@@ -1,5 +1,7 @@
-//! A cluster under test: a `nats-server -js` and three mles servers sharing channels
-//! through its JetStream backplane, every process a child of the bench on loopback.
+//! Clusters under test, every process a child of the bench on loopback: a `nats-server
+//! -js` and three mles servers sharing channels through its JetStream backplane
+//! (`cluster-fanout`), and three clustered `nats-server` nodes with five mles servers
+//! ([`NatsCluster`], `cluster-95k`).
 //!
 //! The NATS server gets a fresh store directory and a port of its own, and runs in a process
 //! group of its own so that it and anything it starts are killed together. Each mles server

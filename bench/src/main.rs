@@ -1,21 +1,22 @@
-//! mles-bench: the load benchmark of mles, and the minimal relay it is measured against.
+//! mles-bench: the load benchmark of mles, and the minimal relays it is measured against.
 //!
-//! `mles-bench [run] [SCENARIO...]` starts `mles` (next to this binary by default) and the
-//! minimal relay (`mles-bench relay`, the machine's ceiling) as child processes on free
-//! loopback ports, runs each scenario against both, and prints a Markdown table: connect
-//! rate, deliveries per second, latency percentiles from a send timestamp in each payload,
-//! an exactly-once-in-order check, server CPU per delivery, and the ratio mles/relay.
+//! `mles-bench [run] [SCENARIO...]` starts `mles` (next to this binary by default) and two
+//! minimal relays (`mles-bench relay --design queues|ring`, the machine's ceiling) as child
+//! processes on loopback, each anew for every scenario and repeat, runs each scenario
+//! against all of them and prints Markdown tables: connect rate, deliveries per second,
+//! latency percentiles from a send timestamp in each payload, an exactly-once-in-order
+//! check, server CPU per delivery, memory per connection, and mles's ratio to the better
+//! relay. Overload scenarios (`overload.rs`) and scale scenarios (`scale.rs`, with worker
+//! processes: `mles-bench worker`) print tables of their own; `mles-bench soak` runs a
+//! mixed load for minutes and watches the server's memory (`soak.rs`).
 //!
 //! ```text
-//! cargo build --release
-//! target/release/mles-bench                 # every scenario
-//! target/release/mles-bench --quick         # smoke run
-//! target/release/mles-bench fanout-100 --repeat 3
-//! target/release/mles-bench cluster-fanout fanout-100 --repeat 3
+//! cargo build --release --workspace
+//! target/release/mles-bench --repeat 3      # issue 13's scenarios
+//! target/release/mles-bench --list
+//! target/release/mles-bench fanout-100 --repeat 5
+//! target/release/mles-bench soak --minutes 10
 //! ```
-//!
-//! `cluster-fanout` starts a `nats-server -js` and three mles servers linked through it
-//! (the relay has no cluster mode), and is reported next to the single-server fanout-100.
 
 mod client;
 mod cluster;

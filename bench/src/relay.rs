@@ -421,3 +421,38 @@ where
         notified.await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The value of `const NAME: usize = EXPR;` in mles's source, for EXPR a product of
+    /// integers (e.g. `64 * 1024`).
+    fn mles_const(source: &str, name: &str) -> Option<usize> {
+        let line = source.lines().find(|l| {
+            l.trim_start()
+                .starts_with(&format!("const {name}: usize ="))
+        })?;
+        let expr = line.split('=').nth(1)?.trim().trim_end_matches(';');
+        expr.split('*')
+            .map(|f| f.trim().replace('_', "").parse::<usize>().ok())
+            .product()
+    }
+
+    /// The relays are only a fair ceiling while they use mles's buffer sizes: when
+    /// src/session.rs changes them (or renames them), this fails until relay.rs follows.
+    #[test]
+    fn relay_buffers_are_mles_buffers() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../src/session.rs");
+        let source = std::fs::read_to_string(path).expect("mles's src/session.rs");
+        for (name, ours) in [
+            ("READ_BUFFER", super::READ_BUFFER),
+            ("WRITE_BUFFER", super::WRITE_BUFFER),
+            ("FETCH_BATCH", super::FETCH_BATCH),
+        ] {
+            assert_eq!(
+                mles_const(&source, name),
+                Some(ours),
+                "{name} in src/session.rs differs from the relay's (bench/src/relay.rs)"
+            );
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! frames, pong replies and close.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 pub const OP_TEXT: u8 = 0x1;
@@ -42,10 +42,41 @@ pub struct Target {
     pub tls: Option<TlsConnector>,
 }
 
+/// How one client's socket is set up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOpts {
+    /// Local address to bind before connecting (127.0.0.x spreads clients over more ports
+    /// than one address has).
+    pub source: Option<IpAddr>,
+    /// SO_RCVBUF, for a client that stops reading and should fill its buffers soon.
+    pub recv_buffer: Option<u32>,
+}
+
+/// A TCP connection to `addr` set up as `opts` says, with TCP_NODELAY.
+pub async fn tcp_connect(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpStream> {
+    let tcp = if opts.source.is_none() && opts.recv_buffer.is_none() {
+        TcpStream::connect(addr).await?
+    } else {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(size) = opts.recv_buffer {
+            socket.set_recv_buffer_size(size)?;
+        }
+        if let Some(ip) = opts.source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        socket.connect(addr).await?
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 impl Target {
-    async fn open(&self) -> io::Result<BoxIo> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        tcp.set_nodelay(true)?;
+    async fn open(&self, opts: SocketOpts) -> io::Result<BoxIo> {
+        let tcp = tcp_connect(self.addr, opts).await?;
         match &self.tls {
             None => Ok(Box::new(tcp)),
             Some(connector) => {
@@ -106,8 +137,15 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-/// A TLS client for self-signed loopback servers.
+/// A TLS client for self-signed loopback servers (rustls's default session cache: it
+/// resumes when the server lets it).
 pub fn tls_connector() -> TlsConnector {
+    TlsConnector::from(tls_config(true))
+}
+
+/// The client configuration: certificates unchecked, handshake signatures checked; with
+/// `resumption`, rustls's in-memory session cache, otherwise every handshake is full.
+pub fn tls_config(resumption: bool) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -116,7 +154,10 @@ pub fn tls_connector() -> TlsConnector {
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    TlsConnector::from(Arc::new(config))
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(config)
 }
 
 /// Appends one masked client frame to `out`.
@@ -162,15 +203,44 @@ impl Conn {
         channel: &str,
         buf_size: usize,
     ) -> io::Result<Conn> {
-        let mut io = target.open().await?;
+        Conn::connect_with(target, SocketOpts::default(), uid, channel, buf_size).await
+    }
+
+    /// [`Conn::connect`] with socket options.
+    pub async fn connect_with(
+        target: &Target,
+        opts: SocketOpts,
+        uid: &str,
+        channel: &str,
+        buf_size: usize,
+    ) -> io::Result<Conn> {
+        let mut conn = Conn::connect_raw_with(target, opts).await?;
+        let join = format!(r#"{{"uid":"{uid}","channel":"{channel}"}}"#);
+        let mut out = Vec::with_capacity(join.len() + 16);
+        conn.mask = mask_for(uid);
+        encode_frame(&mut out, OP_TEXT, join.as_bytes(), conn.mask);
+        conn.send(&out).await?;
+        if buf_size > conn.buf.len() {
+            conn.buf.resize(buf_size, 0);
+        }
+        Ok(conn)
+    }
+
+    /// Connects and upgrades, without a join frame (for clients that misbehave).
+    pub async fn connect_raw(target: &Target) -> io::Result<Conn> {
+        Conn::connect_raw_with(target, SocketOpts::default()).await
+    }
+
+    async fn connect_raw_with(target: &Target, opts: SocketOpts) -> io::Result<Conn> {
+        let mut io = target.open(opts).await?;
         io.write_all(UPGRADE_REQUEST).await?;
         io.flush().await?;
         let mut conn = Conn {
             io,
-            buf: vec![0; buf_size.max(1024)],
+            buf: vec![0; 1024],
             start: 0,
             end: 0,
-            mask: mask_for(uid),
+            mask: [0x5a, 0x3c, 0x96, 0x71],
         };
         loop {
             if let Some(pos) = find(&conn.buf[..conn.end], b"\r\n\r\n") {
@@ -193,10 +263,6 @@ impl Conn {
             }
             conn.end += n;
         }
-        let join = format!(r#"{{"uid":"{uid}","channel":"{channel}"}}"#);
-        let mut out = Vec::with_capacity(join.len() + 16);
-        encode_frame(&mut out, OP_TEXT, join.as_bytes(), conn.mask);
-        conn.send(&out).await?;
         Ok(conn)
     }
 
@@ -273,6 +339,14 @@ impl Conn {
     }
 }
 
+/// The status code of a close frame's payload (1005, "no status", when it has none).
+pub fn close_code(payload: &[u8]) -> u16 {
+    match payload {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+        _ => 1005,
+    }
+}
+
 fn mask_for(uid: &str) -> [u8; 4] {
     let h = uid.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
@@ -282,6 +356,47 @@ fn mask_for(uid: &str) -> [u8; 4] {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One TLS connection as a browser makes it: TCP connect from `opts`, TLS handshake with
+/// `config` under `name`, and the WebSocket upgrade (whose response also carries the
+/// server's session tickets to the client). Returns whether the handshake was a resumed one.
+pub async fn tls_upgrade(
+    addr: SocketAddr,
+    opts: SocketOpts,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> io::Result<bool> {
+    let tcp = tcp_connect(addr, opts).await?;
+    let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
+    tls.write_all(UPGRADE_REQUEST).await?;
+    tls.flush().await?;
+    let mut buf = vec![0u8; 1024];
+    let mut end = 0;
+    loop {
+        if let Some(pos) = find(&buf[..end], b"\r\n\r\n") {
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                let line = buf[..pos].split(|&b| b == b'\r').next().unwrap_or(&[]);
+                return Err(invalid(format!(
+                    "upgrade refused: {}",
+                    String::from_utf8_lossy(line)
+                )));
+            }
+            break;
+        }
+        if end == buf.len() {
+            return Err(invalid("upgrade response too long"));
+        }
+        let n = tls.read(&mut buf[end..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        end += n;
+    }
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    // Close as a client does: close_notify, then the TCP close.
+    let _ = tls.shutdown().await;
+    Ok(resumed)
 }
 
 #[cfg(test)]

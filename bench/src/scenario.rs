@@ -44,28 +44,39 @@ use crate::stats::Histogram;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SYNC_INTERVAL: Duration = Duration::from_millis(20);
 const STALL: Duration = Duration::from_secs(5);
-/// Frames a flat-out publisher encodes into one write.
-const BATCH: u64 = 32;
+/// Frames a flat-out publisher encodes into one write: the overload publishers always, the
+/// throughput ones unless `--batch` says otherwise.
+pub const BATCH: u64 = 32;
 /// Settling time before an idle scenario reads the server's memory.
-const IDLE_SETTLE: Duration = Duration::from_secs(1);
+const IDLE_SETTLE: Duration = Duration::from_millis(500);
 
-const DATA: [u8; 8] = *b"MLESBNCH";
-const SYNC: [u8; 8] = *b"MLESSYNC";
+pub const DATA: [u8; 8] = *b"MLESBNCH";
+pub const SYNC: [u8; 8] = *b"MLESSYNC";
 /// magic 8, run id 8, channel 4, sequence 8, send time 8.
-const HEADER: usize = 36;
+pub const HEADER: usize = 36;
 
-const OP_PONG: u8 = 0xA;
+pub const OP_PONG: u8 = 0xA;
 
-/// Scenario names, in the order they run by default.
-pub const NAMES: [&str; 8] = [
+/// Scenario names of this module: issue 13's first (they run by default), then the others.
+pub const NAMES: [&str; 9] = [
     "fanout-100",
-    "cluster-fanout",
     "channels-100x10",
     "fanout-1000-1k",
     "idle-10k",
+    "idle-10k-tls",
     "fanout-100-tls",
     "latency-1k",
     "channels-scaling",
+    "cluster-fanout",
+];
+
+/// Those of [`NAMES`] that run by default (issue 13's).
+pub const DEFAULT: [&str; 5] = [
+    "fanout-100",
+    "channels-100x10",
+    "fanout-1000-1k",
+    "idle-10k",
+    "idle-10k-tls",
 ];
 
 /// One measured configuration (a scenario has one, channels-scaling one per point).
@@ -131,7 +142,7 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
         label: name.to_string(),
         channels: 1,
         subs: 100,
-        frames: q(10_000, 1_000),
+        frames: q(50_000, 1_000),
         size: 128,
         rate: None,
         tls: false,
@@ -143,28 +154,35 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
         // The same load as fanout-100, every delivery across NATS.
         "cluster-fanout" => vec![Spec {
             cluster: true,
+            frames: q(10_000, 1_000),
             ..base
         }],
         "channels-100x10" => vec![Spec {
             channels: 100,
             subs: 10,
-            frames: q(1_000, 100),
+            frames: q(5_000, 100),
             ..base
         }],
         "fanout-1000-1k" => vec![Spec {
             subs: q(1_000, 200) as usize,
-            frames: q(2_000, 200),
+            frames: q(5_000, 200),
             size: 1024,
             ..base
         }],
-        "idle-10k" => vec![Spec {
-            channels: q(1_000, 100) as usize,
-            subs: 9,
+        // 10,000 joined connections over 100 channels (99 subscribers and a publisher each).
+        "idle-10k" | "idle-10k-tls" => vec![Spec {
+            channels: 100,
+            subs: q(99, 9) as usize,
             frames: 0,
             idle: true,
+            tls: name.ends_with("-tls"),
             ..base
         }],
-        "fanout-100-tls" => vec![Spec { tls: true, ..base }],
+        "fanout-100-tls" => vec![Spec {
+            tls: true,
+            frames: q(10_000, 1_000),
+            ..base
+        }],
         "latency-1k" => vec![Spec {
             frames: q(5_000, 1_000),
             rate: Some(1_000),
@@ -197,6 +215,8 @@ pub fn specs(name: &str, quick: bool) -> Option<Vec<Spec>> {
 #[derive(Clone, Debug)]
 pub struct Opts {
     pub window: u64,
+    /// Frames a flat-out publisher writes per write call.
+    pub batch: u64,
     pub timeout: Duration,
     pub connect_concurrency: usize,
 }
@@ -266,11 +286,16 @@ pub struct Outcome {
     pub server_cpu_per_delivery: Option<f64>,
     /// Server CPU time over wall time while measuring.
     pub server_cores: Option<f64>,
+    /// Busy cores of the whole machine while measuring (ours and everyone else's: the
+    /// machine is shared, and a busy neighbour shows here).
+    pub machine_cores: Option<f64>,
     /// The same per server process (several only in a cluster): a name (the pid, unless the
     /// caller names it) and its cores, in the order of the pids.
     pub server_cores_each: Vec<(String, f64)>,
     pub bench_cpu_per_delivery: Option<f64>,
     pub rss_per_conn: Option<f64>,
+    /// Server RSS in bytes before the clients connected and after they settled (idle).
+    pub rss_before_after: Option<(u64, u64)>,
 }
 
 impl Outcome {
@@ -283,9 +308,11 @@ impl Outcome {
             latency: None,
             server_cpu_per_delivery: None,
             server_cores: None,
+            machine_cores: None,
             server_cores_each: Vec::new(),
             bench_cpu_per_delivery: None,
             rss_per_conn: None,
+            rss_before_after: None,
         }
     }
 }
@@ -296,11 +323,11 @@ fn epoch() -> Instant {
 }
 
 /// Nanoseconds since the bench started: the clock of payload timestamps.
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     epoch().elapsed().as_nanos() as u64
 }
 
-fn write_header(p: &mut [u8], magic: &[u8; 8], run: u64, channel: u32, seq: u64, ts: u64) {
+pub fn write_header(p: &mut [u8], magic: &[u8; 8], run: u64, channel: u32, seq: u64, ts: u64) {
     p[0..8].copy_from_slice(magic);
     p[8..16].copy_from_slice(&run.to_le_bytes());
     p[16..20].copy_from_slice(&channel.to_le_bytes());
@@ -308,7 +335,7 @@ fn write_header(p: &mut [u8], magic: &[u8; 8], run: u64, channel: u32, seq: u64,
     p[28..36].copy_from_slice(&ts.to_le_bytes());
 }
 
-fn u64_at(p: &[u8], at: usize) -> u64 {
+pub fn u64_at(p: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&p[at..at + 8]);
     u64::from_le_bytes(b)
@@ -518,6 +545,7 @@ async fn subscriber(
 
 struct PubParams {
     frames: u64,
+    batch: u64,
     size: usize,
     rate: Option<u64>,
     subs: usize,
@@ -575,7 +603,7 @@ async fn publish<W: tokio::io::AsyncWrite + Unpin>(
     mut go: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut payload = vec![0u8; p.size.max(HEADER)];
-    let mut out = Vec::with_capacity(BATCH as usize * (payload.len() + 14));
+    let mut out = Vec::with_capacity(p.batch as usize * (payload.len() + 14));
     let mut sync = 0;
     while chan.synced.load(Ordering::SeqCst) < p.subs {
         write_header(&mut payload, &SYNC, run.id, chan.index, sync, now_ns());
@@ -605,7 +633,7 @@ async fn publish<W: tokio::io::AsyncWrite + Unpin>(
         None => {
             let mut seq = 0;
             while seq < p.frames {
-                let want = BATCH.min(p.frames - seq);
+                let want = p.batch.min(p.frames - seq);
                 let room = if p.window == 0 {
                     want
                 } else {
@@ -662,6 +690,7 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
         .collect();
     let params = Arc::new(PubParams {
         frames: spec.frames,
+        batch: opts.batch.max(1),
         size: spec.size,
         rate: spec.rate,
         subs: spec.subs,
@@ -722,8 +751,20 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
     }
 
     if spec.idle {
-        tokio::time::sleep(IDLE_SETTLE).await;
-        let rss_after = sum_over(pids, procs::rss_bytes);
+        // Settle: until two readings IDLE_SETTLE apart agree within 1 % (at most 10 s), so
+        // memory the server frees or grows right after the joins is counted as it ends up.
+        let mut rss_after = sum_over(pids, procs::rss_bytes);
+        for _ in 0..10 {
+            tokio::time::sleep(IDLE_SETTLE).await;
+            let now = sum_over(pids, procs::rss_bytes);
+            let stable = now
+                .zip(rss_after)
+                .is_some_and(|(a, b)| (a as f64 - b as f64).abs() <= b as f64 * 0.01);
+            rss_after = now;
+            if stable {
+                break;
+            }
+        }
         let closed = run.closed.load(Ordering::SeqCst);
         let verdict = if closed == 0 {
             Verdict::Pass
@@ -735,6 +776,7 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
             rss_per_conn: rss_before
                 .zip(rss_after)
                 .map(|(b, a)| (a as f64 - b as f64) / total as f64),
+            rss_before_after: rss_before.zip(rss_after),
             ..Outcome::new(verdict)
         };
     }
@@ -742,6 +784,7 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
     let cpu_before = sum_over(pids, procs::cpu_ns);
     let each_before: Vec<Option<u64>> = pids.iter().map(|&p| procs::cpu_ns(p)).collect();
     let bench_before = procs::cpu_ns(std::process::id());
+    let machine_before = procs::machine_busy_secs();
     let t0 = now_ns();
     let _ = go_tx.send(true);
     let mut results = Vec::with_capacity(spec.channels * spec.subs);
@@ -777,6 +820,8 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
     let cpu_after = sum_over(pids, procs::cpu_ns);
     let each_after: Vec<Option<u64>> = pids.iter().map(|&p| procs::cpu_ns(p)).collect();
     let bench_after = procs::cpu_ns(std::process::id());
+    let machine_after = procs::machine_busy_secs();
+    let wall = (now_ns() - t0) as f64 / 1e9;
     drop(pubs);
 
     let mut hist = Histogram::default();
@@ -850,6 +895,10 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
             .zip(cpu_after)
             .filter(|_| elapsed > 0.0)
             .map(|(b, a)| a.saturating_sub(b) as f64 / 1e9 / elapsed),
+        machine_cores: machine_before
+            .zip(machine_after)
+            .filter(|_| wall > 0.0)
+            .map(|(b, a)| (a - b) / wall),
         server_cores_each: pids
             .iter()
             .zip(each_before.iter().zip(&each_after))
@@ -864,5 +913,6 @@ async fn measure(spec: &Spec, targets: &Targets, pids: &[u32], opts: &Opts) -> O
             .collect(),
         bench_cpu_per_delivery: per_delivery(bench_before, bench_after),
         rss_per_conn: None,
+        rss_before_after: None,
     }
 }

@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use crate::relay::Design;
+
 /// Which server a run measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Mles,
-    Relay,
+    /// `mles-bench relay --design ...`: a minimal relay, the ceiling.
+    Relay(Design),
     /// A server this bench did not start (`--server`).
     External,
 }
@@ -20,9 +23,14 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Mles => "mles",
-            Kind::Relay => "relay",
+            Kind::Relay(Design::Queues) => "relay-queues",
+            Kind::Relay(Design::Ring) => "relay-ring",
             Kind::External => "server",
         }
+    }
+
+    pub fn is_relay(self) -> bool {
+        matches!(self, Kind::Relay(_))
     }
 }
 
@@ -46,6 +54,18 @@ pub struct Server {
 
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `n` distinct free ports: every listener is held until all are chosen, so the kernel
+/// cannot hand out one port twice.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 impl Launch {
@@ -76,9 +96,13 @@ impl Launch {
                 cmd
             }
             Kind::External => return Err("an external server is not started".into()),
-            Kind::Relay => {
+            Kind::Relay(design) => {
                 let mut cmd = Command::new(&self.relay);
                 cmd.args(["relay", "--bind", "127.0.0.1", "--port", &port.to_string()]);
+                cmd.arg(match design {
+                    Design::Queues => "--design=queues",
+                    Design::Ring => "--design=ring",
+                });
                 if tls {
                     cmd.arg("--tls");
                 }
@@ -167,6 +191,22 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// Busy CPU time of the whole machine in seconds (all processes, ours and others'), from
+/// /proc/stat: everything but idle and iowait.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // USER_HZ is 100 on Linux.
+    Some((total - idle) as f64 / 100.0)
+}
+
 /// The mles binary next to this one (target/release/mles after `cargo build --release`).
 pub fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()
@@ -176,46 +216,19 @@ pub fn sibling(name: &str) -> PathBuf {
         .join(name)
 }
 
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-mod rlimit {
-    #[repr(C)]
-    pub struct RLimit {
-        pub cur: u64,
-        pub max: u64,
-    }
-    /// RLIMIT_NOFILE on Linux (all mainstream architectures).
-    pub const NOFILE: i32 = 7;
-    extern "C" {
-        pub fn getrlimit(resource: i32, limit: *mut RLimit) -> i32;
-        pub fn setrlimit(resource: i32, limit: *const RLimit) -> i32;
-    }
-}
-
 /// Raises the soft open-files limit to the hard one; children inherit it. Returns the soft
-/// limit in force afterwards.
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+/// limit in force afterwards (0 if unknown or unlimited).
 pub fn raise_nofile() -> u64 {
-    let mut limit = rlimit::RLimit { cur: 0, max: 0 };
-    // SAFETY: getrlimit/setrlimit from the C library std already links, with a properly
-    // sized and aligned `struct rlimit` (two rlim_t = u64 on 64-bit Linux).
-    unsafe {
-        if rlimit::getrlimit(rlimit::NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.cur < limit.max {
-            let raised = rlimit::RLimit {
-                cur: limit.max,
-                max: limit.max,
-            };
-            if rlimit::setrlimit(rlimit::NOFILE, &raised) == 0 {
-                limit.cur = limit.max;
-            }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum || (limit.current.is_some() && limit.maximum.is_none()) {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return limit.maximum.unwrap_or(0);
         }
     }
-    limit.cur
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-pub fn raise_nofile() -> u64 {
-    0
+    limit.current.unwrap_or(0)
 }

@@ -1,5 +1,7 @@
-//! A cluster under test: a `nats-server -js` and three mles servers sharing channels
-//! through its JetStream backplane, every process a child of the bench on loopback.
+//! Clusters under test, every process a child of the bench on loopback: a `nats-server
+//! -js` and three mles servers sharing channels through its JetStream backplane
+//! (`cluster-fanout`), and three clustered `nats-server` nodes with five mles servers
+//! ([`NatsCluster`], `cluster-95k`).
 //!
 //! The NATS server gets a fresh store directory and a port of its own, and runs in a process
 //! group of its own so that it and anything it starts are killed together. Each mles server
@@ -60,23 +62,24 @@ struct Nats {
     dir: PathBuf,
 }
 
-#[cfg(unix)]
-mod signal {
-    pub const SIGKILL: i32 = 9;
-    extern "C" {
-        pub fn kill(pid: i32, sig: i32) -> i32;
-    }
-}
-
 impl Nats {
     async fn start(binary: &Path, workdir: &Path) -> Result<Nats, String> {
         let port = procs::free_port().map_err(|e| format!("no free port: {e}"))?;
+        // nats-server 2.9 has no --max_payload flag; a config file sets it.
+        Nats::start_with(binary, workdir, port, "max_payload: 2MB\n".into()).await
+    }
+
+    /// Starts a node whose config file is `conf` (the client port and store come as flags).
+    async fn start_with(
+        binary: &Path,
+        workdir: &Path,
+        port: u16,
+        conf_text: String,
+    ) -> Result<Nats, String> {
         let dir = workdir.join(format!("nats-{port}"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        // nats-server 2.9 has no --max_payload flag; a config file sets it.
         let conf = dir.join("nats.conf");
-        std::fs::write(&conf, "max_payload: 2MB\n")
-            .map_err(|e| format!("{}: {e}", conf.display()))?;
+        std::fs::write(&conf, conf_text).map_err(|e| format!("{}: {e}", conf.display()))?;
         let log_path = dir.join("nats.log");
         let log =
             std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
@@ -126,13 +129,14 @@ impl Nats {
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
-        #[cfg(unix)]
-        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
-            // SAFETY: kill(2) with a negative pid signals the process group the child leads
-            // (process_group(0) at spawn); the child is unreaped, so the id is not reused.
-            unsafe {
-                signal::kill(-pid, signal::SIGKILL);
-            }
+        // The child leads its own process group (process_group(0) at spawn) and is
+        // unreaped, so its id is not reused.
+        if let Some(pid) = self
+            .child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
         let _ = self.child.start_kill();
     }
@@ -229,8 +233,16 @@ impl Cluster {
 }
 
 /// Waits until the server's `/metrics` says it is connected to NATS.
-async fn wait_nats_connected(server: &mut Server) -> Result<(), String> {
-    let deadline = Instant::now() + READY;
+pub async fn wait_nats_connected(server: &mut Server) -> Result<(), String> {
+    wait_nats_connected_within(server, READY).await
+}
+
+/// [`wait_nats_connected`] with another bound.
+pub async fn wait_nats_connected_within(
+    server: &mut Server,
+    ready: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + ready;
     loop {
         if !server.alive() {
             return Err(format!("mles exited: {}", server.log_tail()));
@@ -251,7 +263,7 @@ async fn wait_nats_connected(server: &mut Server) -> Result<(), String> {
         if Instant::now() >= deadline {
             return Err(format!(
                 "not connected to NATS after {} s ({last}): {}",
-                READY.as_secs(),
+                ready.as_secs(),
                 server.log_tail()
             ));
         }
@@ -273,4 +285,96 @@ fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Three `nats-server` nodes clustered on loopback with JetStream, and `size` mles servers
+/// each given every node's URL (`--nats-replicas 3`, so the stream is replicated on all
+/// three). Every process is killed on drop.
+pub struct NatsCluster {
+    pub servers: Vec<Server>,
+    nodes: Vec<Nats>,
+}
+
+/// Nodes of a NATS cluster (JetStream needs three for replicas 3).
+pub const NATS_NODES: usize = 3;
+
+impl NatsCluster {
+    pub async fn start(
+        launch: &Launch,
+        binary: &Path,
+        size: usize,
+        ready: Duration,
+    ) -> Result<NatsCluster, String> {
+        let ports = procs::free_ports(NATS_NODES * 2).map_err(|e| format!("no free ports: {e}"))?;
+        let (client, route) = ports.split_at(NATS_NODES);
+        let mut cluster = NatsCluster {
+            servers: Vec::new(),
+            nodes: Vec::new(),
+        };
+        for n in 0..NATS_NODES {
+            let routes: Vec<String> = (0..NATS_NODES)
+                .filter(|&m| m != n)
+                .map(|m| format!("nats-route://127.0.0.1:{}", route[m]))
+                .collect();
+            let conf = format!(
+                "server_name: n{n}\nmax_payload: 2MB\ncluster {{\n  name: mlesbench\n  listen: \
+                 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                route[n],
+                routes.join(", ")
+            );
+            let node = Nats::start_with(binary, &launch.workdir, client[n], conf)
+                .await
+                .map_err(|e| format!("nats node n{n}: {e}"))?;
+            cluster.nodes.push(node);
+        }
+        let urls: Vec<String> = cluster.nodes.iter().map(Nats::url).collect();
+        for n in 1..=size {
+            let mut extra = vec![
+                "--server-id".to_string(),
+                format!("s{n}"),
+                "--nats".to_string(),
+                urls.join(","),
+                "--nats-replicas".to_string(),
+                NATS_NODES.to_string(),
+            ];
+            if !launch.mles_args.iter().any(|a| a.starts_with("--limit")) {
+                extra.extend(["--limit".to_string(), LIMIT.to_string()]);
+            }
+            let server = launch
+                .spawn(Kind::Mles, false, &extra)
+                .await
+                .map_err(|e| format!("s{n}: {e}"))?;
+            cluster.servers.push(server);
+        }
+        for (i, server) in cluster.servers.iter_mut().enumerate() {
+            wait_nats_connected_within(server, ready)
+                .await
+                .map_err(|e| format!("s{}: {e}", i + 1))?;
+        }
+        Ok(cluster)
+    }
+
+    /// Which process has died, if any.
+    pub fn dead(&mut self) -> Option<String> {
+        for (i, server) in self.servers.iter_mut().enumerate() {
+            if !server.alive() {
+                return Some(format!("mles s{} died: {}", i + 1, server.log_tail()));
+            }
+        }
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if !matches!(node.child.try_wait(), Ok(None)) {
+                return Some(format!("nats node n{i} died"));
+            }
+        }
+        None
+    }
+
+    pub async fn stop(mut self) {
+        for server in self.servers.drain(..) {
+            server.stop().await;
+        }
+        for node in self.nodes.drain(..) {
+            node.stop().await;
+        }
+    }
 }

@@ -36,8 +36,58 @@ const SCRATCH: usize = 32 * 1024;
 /// Slices handed to one vectored write.
 const MAX_SLICES: usize = 64;
 
+/// Write queues kept per worker thread for reuse; a connection holds one only while it
+/// has something to write.
+const POOLED_QUEUES: usize = 256;
+
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+    static QUEUES: RefCell<Vec<VecDeque<Segment>>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty write buffer for at least `len` bytes, reused if the thread has one.
+fn take_buffer(len: usize) -> Vec<u8> {
+    if len <= BUFFER {
+        if let Some(buf) = BUFFERS.with(|pool| pool.borrow_mut().pop()) {
+            return buf;
+        }
+    }
+    Vec::with_capacity(len.max(BUFFER))
+}
+
+/// Gives a written buffer back for reuse.
+fn give_buffer(mut buf: Vec<u8>) {
+    if buf.capacity() != BUFFER {
+        return;
+    }
+    buf.clear();
+    BUFFERS.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOLED_QUEUES {
+            pool.push(buf);
+        }
+    });
+}
+
+/// An empty write queue, reused if the thread has one.
+fn take_queue() -> VecDeque<Segment> {
+    QUEUES
+        .with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_default()
+}
+
+/// Gives an emptied write queue back for reuse (a large one is dropped instead).
+fn give_queue(queue: VecDeque<Segment>) {
+    if queue.capacity() == 0 || queue.capacity() > 1024 {
+        return;
+    }
+    QUEUES.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOLED_QUEUES {
+            pool.push(queue);
+        }
+    });
 }
 
 /// What the reader found, for the caller's handler.
@@ -76,32 +126,27 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
-/// The head of a queued frame: its WebSocket header, or for an envelope the header and the
-/// envelope's own prefix.
-enum Head {
-    Inline([u8; websocket::MAX_HEADER], u8),
-    Heap(Vec<u8>),
+/// Payloads up to this size are copied into the write buffer; larger ones are written
+/// from the frame's shared bytes. Copying a small payload costs less than sharing it
+/// (a reference count touched by every member's core, and a slice of its own per write).
+const COPY_LIMIT: usize = 2048;
+
+/// Size of each write buffer.
+const BUFFER: usize = 16 * 1024;
+
+/// Part of what is queued for writing: copied bytes (headers and small payloads), or a
+/// large payload by reference.
+enum Segment {
+    Copied(Vec<u8>),
+    Shared(Bytes),
 }
 
-impl Head {
+impl Segment {
     fn bytes(&self) -> &[u8] {
         match self {
-            Head::Inline(bytes, len) => &bytes[..*len as usize],
-            Head::Heap(bytes) => bytes,
+            Segment::Copied(bytes) => bytes,
+            Segment::Shared(bytes) => bytes,
         }
-    }
-}
-
-/// A frame queued for writing, and how much of it is written.
-struct Outgoing {
-    head: Head,
-    payload: Bytes,
-    written: usize,
-}
-
-impl Outgoing {
-    fn len(&self) -> usize {
-        self.head.bytes().len() + self.payload.len()
     }
 }
 
@@ -113,7 +158,9 @@ pub struct Connection<S> {
     /// Input read but not decoded yet, kept only while the caller stopped reading.
     unread: Vec<u8>,
     unread_at: usize,
-    queue: VecDeque<Outgoing>,
+    queue: VecDeque<Segment>,
+    /// Bytes of the front segment already written.
+    front_written: usize,
     queued_bytes: usize,
     /// Written but maybe still buffered below us (TLS): flush before going idle.
     needs_flush: bool,
@@ -130,6 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             unread: leftover.to_vec(),
             unread_at: 0,
             queue: VecDeque::new(),
+            front_written: 0,
             queued_bytes: 0,
             needs_flush: false,
         }
@@ -141,17 +189,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Reads and decodes until the socket has nothing more, calling `handle` for each
-    /// event, or until `handle` stops, memory is needed, or the peer closed.
+    /// event, or until `handle` stops, memory is needed and `grant` has none, or the peer
+    /// closed. `grant` is asked for each data frame's memory as its header arrives.
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
+        mut grant: impl FnMut(usize) -> Option<Reservation>,
         mut handle: impl FnMut(Event) -> Flow,
     ) -> Poll<Result<ReadStop, ReadError>> {
         loop {
             if self.unread_at < self.unread.len() {
                 let input = std::mem::take(&mut self.unread);
-                let (used, stop) =
-                    decode(&mut self.decoder, &input[self.unread_at..], &mut handle)?;
+                let rest = &input[self.unread_at..];
+                let (used, stop) = decode(&mut self.decoder, rest, &mut grant, &mut handle)?;
                 self.unread = input;
                 self.unread_at += used;
                 if self.unread_at >= self.unread.len() {
@@ -177,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                     Poll::Ready(Ok(())) => {
                         let input = buf.filled();
-                        let (used, stop) = decode(decoder, input, &mut handle)?;
+                        let (used, stop) = decode(decoder, input, &mut grant, &mut handle)?;
                         // Stopped mid-buffer: keep what was not decoded.
                         let rest = input[used..].to_vec();
                         Poll::Ready(Ok((stop, rest)))
@@ -224,40 +274,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn queue_payload(&mut self, opcode: Opcode, prefix: Option<&[u8]>, payload: Bytes) {
         let prefix = prefix.unwrap_or_default();
         let len = prefix.len() + payload.len();
-        let entry = match self.role {
+        if self.queue.capacity() == 0 {
+            self.queue = take_queue();
+        }
+        match self.role {
             Role::Server => {
                 let (header, n) = websocket::header(opcode, len, None);
-                let head = if prefix.is_empty() {
-                    Head::Inline(header, n as u8)
+                self.append(&header[..n]);
+                self.append(prefix);
+                if payload.len() <= COPY_LIMIT {
+                    self.append(&payload);
                 } else {
-                    let mut head = Vec::with_capacity(n + prefix.len());
-                    head.extend_from_slice(&header[..n]);
-                    head.extend_from_slice(prefix);
-                    Head::Heap(head)
-                };
-                Outgoing {
-                    head,
-                    payload,
-                    written: 0,
+                    self.queued_bytes += payload.len();
+                    self.queue.push_back(Segment::Shared(payload));
                 }
             }
             Role::Client => {
-                // A client masks what it sends, so the payload is copied once.
+                // A client masks what it sends, so the payload is copied once anyway.
                 let key = mask_key();
                 let (header, n) = websocket::header(opcode, len, Some(key));
                 let mut body = Vec::with_capacity(len);
                 body.extend_from_slice(prefix);
                 body.extend_from_slice(&payload);
                 websocket::mask(&mut body, key, 0);
-                Outgoing {
-                    head: Head::Inline(header, n as u8),
-                    payload: Bytes::from(body),
-                    written: 0,
+                self.append(&header[..n]);
+                if body.len() <= COPY_LIMIT {
+                    self.append(&body);
+                } else {
+                    self.queued_bytes += body.len();
+                    self.queue.push_back(Segment::Shared(Bytes::from(body)));
                 }
             }
-        };
-        self.queued_bytes += entry.len();
-        self.queue.push_back(entry);
+        }
+    }
+
+    /// Copies `data` to the end of the queue: into the last buffer if it has room, else a
+    /// new one.
+    fn append(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.queued_bytes += data.len();
+        if let Some(Segment::Copied(buf)) = self.queue.back_mut() {
+            if buf.len() + data.len() <= buf.capacity() {
+                buf.extend_from_slice(data);
+                return;
+            }
+        }
+        let mut buf = take_buffer(data.len());
+        buf.extend_from_slice(data);
+        self.queue.push_back(Segment::Copied(buf));
     }
 
     /// Bytes queued and not yet written.
@@ -275,23 +341,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         while !self.queue.is_empty() {
             let mut slices: [IoSlice<'_>; MAX_SLICES] = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
-            for out in self.queue.iter() {
-                if count + 2 > MAX_SLICES {
-                    break;
-                }
-                let head = out.head.bytes();
-                let mut skip = out.written;
-                if skip < head.len() {
-                    slices[count] = IoSlice::new(&head[skip..]);
-                    count += 1;
-                    skip = 0;
-                } else {
-                    skip -= head.len();
-                }
-                if skip < out.payload.len() {
-                    slices[count] = IoSlice::new(&out.payload[skip..]);
-                    count += 1;
-                }
+            for (i, segment) in self.queue.iter().take(MAX_SLICES).enumerate() {
+                let skip = if i == 0 { self.front_written } else { 0 };
+                slices[count] = IoSlice::new(&segment.bytes()[skip..]);
+                count += 1;
             }
             let n = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -309,8 +362,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         if self.queue.capacity() > 0 {
-            // Idle: give the queue's memory back.
-            self.queue = VecDeque::new();
+            // Idle: the queue goes back to the thread's pool.
+            give_queue(std::mem::take(&mut self.queue));
         }
         Poll::Ready(Ok(()))
     }
@@ -318,16 +371,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn advance(&mut self, mut n: usize) {
         self.queued_bytes -= n;
         while n > 0 {
-            let Some(front) = self.queue.front_mut() else {
+            let Some(front) = self.queue.front() else {
                 break;
             };
-            let left = front.len() - front.written;
+            let left = front.bytes().len() - self.front_written;
             if n < left {
-                front.written += n;
+                self.front_written += n;
                 return;
             }
             n -= left;
-            self.queue.pop_front();
+            self.front_written = 0;
+            if let Some(Segment::Copied(buf)) = self.queue.pop_front() {
+                give_buffer(buf);
+            }
         }
     }
 
@@ -342,6 +398,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 fn decode(
     decoder: &mut Decoder,
     input: &[u8],
+    grant: &mut impl FnMut(usize) -> Option<Reservation>,
     handle: &mut impl FnMut(Event) -> Flow,
 ) -> Result<(usize, Option<ReadStop>), ProtocolError> {
     let mut at = 0;
@@ -350,7 +407,13 @@ fn decode(
         at += used;
         let event = match decoded {
             None => continue,
-            Some(Decoded::NeedMemory(n)) => return Ok((at, Some(ReadStop::NeedMemory(n)))),
+            Some(Decoded::NeedMemory(n)) => match grant(n) {
+                Some(reservation) => {
+                    decoder.grant(reservation);
+                    continue;
+                }
+                None => return Ok((at, Some(ReadStop::NeedMemory(n)))),
+            },
             Some(Decoded::Message(frame)) => Event::Message(frame),
             Some(Decoded::Ping(payload)) => Event::Ping(payload),
             Some(Decoded::Pong) => Event::Pong,
@@ -392,10 +455,14 @@ mod tests {
         std::future::poll_fn(|cx| {
             let _ = client.poll_write(cx);
             loop {
-                let step = server.poll_read(cx, |event| {
-                    got.push(format!("{event:?}"));
-                    Flow::Continue
-                });
+                let step = server.poll_read(
+                    cx,
+                    |_| None,
+                    |event| {
+                        got.push(format!("{event:?}"));
+                        Flow::Continue
+                    },
+                );
                 match step {
                     Poll::Ready(Ok(ReadStop::NeedMemory(n))) => {
                         server.grant(budget.try_reserve(n, Need::Service).unwrap())
@@ -434,10 +501,14 @@ mod tests {
         let mut seen = Vec::new();
         while seen.len() < 3 {
             let step = std::future::poll_fn(|cx| {
-                conn.poll_read(cx, |event| {
-                    seen.push(format!("{event:?}"));
-                    Flow::Stop
-                })
+                conn.poll_read(
+                    cx,
+                    |_| None,
+                    |event| {
+                        seen.push(format!("{event:?}"));
+                        Flow::Stop
+                    },
+                )
             })
             .await
             .unwrap();

@@ -190,10 +190,12 @@ impl Notices {
         self.pending.store(true, Ordering::Release);
     }
 
-    fn drain_into(&self, out: &mut Vec<Frame>) {
+    fn drain(&self, mut take: impl FnMut(&Frame)) {
         if self.pending.swap(false, Ordering::AcqRel) {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(queue.drain(..));
+            for notice in queue.drain(..) {
+                take(&notice);
+            }
         }
     }
 }
@@ -331,22 +333,74 @@ impl Ring {
         }
     }
 
-    /// Takes the parked members to wake (outside the lock).
-    fn take_parked(&mut self) -> Vec<Arc<WakeSlot>> {
-        std::mem::take(&mut self.parked)
-    }
-
     /// Whether every reader is so far behind that publishers should pause.
     fn readers_behind(&self, queue_frames: usize) -> bool {
         self.fastest_member != 0 && self.next_seq - self.fastest > (queue_frames / 2) as u64
     }
 }
 
-fn wake_all(slots: Vec<Arc<WakeSlot>>, flag: fn(&WakeSlot) -> &AtomicBool) {
-    for slot in slots {
-        flag(&slot).store(false, Ordering::Release);
-        slot.waker.wake();
+std::thread_local! {
+    /// The tasks one unlock wakes, gathered here so that neither the ring's lists nor this
+    /// one are reallocated per publish.
+    static TO_WAKE: std::cell::RefCell<Vec<(Arc<WakeSlot>, bool)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    /// Set while a reader handles what one read brought (see [`deferring_wakes`]).
+    static DEFER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Members to wake once that is done.
+    static DEFERRED: std::cell::RefCell<Vec<Arc<WakeSlot>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `handle` with the wake-ups of members waiting for frames held back until it
+/// returns, then wakes each of them once. A reader publishing everything one read of its
+/// socket brought wakes each member once for the lot, not once per frame: each member
+/// then writes the lot with one system call.
+pub fn deferring_wakes<R>(handle: impl FnOnce() -> R) -> R {
+    let outer = DEFER.with(|d| d.replace(true));
+    let result = handle();
+    if !outer {
+        DEFER.with(|d| d.set(false));
+        DEFERRED.with(|list| {
+            let mut list = list.borrow_mut();
+            for slot in list.drain(..) {
+                slot.parked.store(false, Ordering::Release);
+                slot.waker.wake();
+            }
+        });
     }
+    result
+}
+
+/// Unlocks `ring`, then wakes the members it had parked waiting for frames (with
+/// `parked`) and the publishers it had paused (with `paused`). Waking happens outside the
+/// lock, so woken tasks do not queue up on it.
+fn unlock_and_wake(mut ring: MutexGuard<'_, Ring>, parked: bool, paused: bool) {
+    let parked = parked && !ring.parked.is_empty();
+    let paused = paused && !ring.paused.is_empty();
+    if !parked && !paused {
+        return;
+    }
+    if parked && DEFER.with(|d| d.get()) {
+        DEFERRED.with(|list| list.borrow_mut().extend(ring.parked.drain(..)));
+        if !paused {
+            return;
+        }
+    }
+    TO_WAKE.with(|list| {
+        let mut list = list.borrow_mut();
+        if parked {
+            list.extend(ring.parked.drain(..).map(|slot| (slot, false)));
+        }
+        if paused {
+            list.extend(ring.paused.drain(..).map(|slot| (slot, true)));
+        }
+        drop(ring);
+        for (slot, paused) in list.drain(..) {
+            let flag = if paused { &slot.paused } else { &slot.parked };
+            flag.store(false, Ordering::Release);
+            slot.waker.wake();
+        }
+    });
 }
 
 /// Settings and identity every channel shares.
@@ -530,13 +584,12 @@ impl Channel {
             if pause && !member.wake.paused.swap(true, Ordering::AcqRel) {
                 ring.paused.push(member.wake.clone());
             }
-            (ring.take_parked(), pause)
+            unlock_and_wake(ring, true, false);
+            pause
         };
-        let (parked, pause) = parked;
-        wake_all(parked, |s| &s.parked);
         Ok(Published {
             stored: true,
-            pause,
+            pause: parked,
         })
     }
 
@@ -849,13 +902,7 @@ impl Hub {
             wake: Arc::new(WakeSlot::default()),
         };
         let watched = kind == MemberKind::Client && !ring.watchers.is_empty();
-        let parked = if watched {
-            ring.take_parked()
-        } else {
-            Vec::new()
-        };
-        drop(ring);
-        wake_all(parked, |s| &s.parked);
+        unlock_and_wake(ring, watched, false);
         if first_client {
             if let Some(backplane) = self.shared.backplane.get() {
                 backplane.channel_active(&chan);
@@ -1096,10 +1143,21 @@ impl Member {
         max_frames: usize,
         max_bytes: usize,
     ) -> Result<(), Lagged> {
+        self.fetch_frames(max_frames, max_bytes, |frame| out.push(frame.clone()))
+    }
+
+    /// Like [`Member::fetch`], handing each frame to `take` (under the channel's lock, so
+    /// `take` only queues it) instead of collecting them.
+    pub fn fetch_frames(
+        &self,
+        max_frames: usize,
+        max_bytes: usize,
+        mut take: impl FnMut(&Frame),
+    ) -> Result<(), Lagged> {
         if let Some(notices) = &self.notices {
-            notices.drain_into(out);
+            notices.drain(&mut take);
         }
-        self.fetch_with(max_frames, max_bytes, |entry| out.push(entry.frame.clone()))
+        self.fetch_with(max_frames, max_bytes, |entry| take(&entry.frame))
     }
 
     /// Like [`Member::fetch`], with each frame's key and liveness (for relaying).
@@ -1112,6 +1170,16 @@ impl Member {
         self.fetch_with(max_frames, max_bytes, |entry| out.push(entry.clone()))
     }
 
+    /// Like [`Member::fetch_entries`], handing each entry to `take` under the lock.
+    pub fn fetch_entries_with(
+        &self,
+        max_frames: usize,
+        max_bytes: usize,
+        take: impl FnMut(&Entry),
+    ) -> Result<(), Lagged> {
+        self.fetch_with(max_frames, max_bytes, take)
+    }
+
     fn fetch_with(
         &self,
         max_frames: usize,
@@ -1121,7 +1189,7 @@ impl Member {
         if self.channel.head.load(Ordering::Acquire) <= self.cursor.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let paused = {
+        {
             let mut ring = self.channel.lock();
             let mut cursor = self.cursor.load(Ordering::Relaxed);
             if cursor < ring.lost_live_to {
@@ -1151,13 +1219,9 @@ impl Member {
                 ring.fastest_member = self.id;
             }
             let resume = (self.channel.hub.config.queue_frames / 4) as u64;
-            if !ring.paused.is_empty() && ring.next_seq - ring.fastest <= resume {
-                std::mem::take(&mut ring.paused)
-            } else {
-                Vec::new()
-            }
-        };
-        wake_all(paused, |s| &s.paused);
+            let caught_up = ring.next_seq - ring.fastest <= resume;
+            unlock_and_wake(ring, false, caught_up);
+        }
         Ok(())
     }
 }
@@ -1202,15 +1266,7 @@ impl Drop for Member {
         }
         ring.last_activity = Instant::now();
         // Paused publishers look again: the reader that held them back may be this one.
-        let paused = std::mem::take(&mut ring.paused);
-        let parked = if watched {
-            ring.take_parked()
-        } else {
-            Vec::new()
-        };
-        drop(ring);
-        wake_all(paused, |s| &s.paused);
-        wake_all(parked, |s| &s.parked);
+        unlock_and_wake(ring, watched, true);
     }
 }
 

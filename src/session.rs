@@ -28,7 +28,7 @@ use crate::config::SessionConfig;
 use crate::connection::BoxedIo;
 use crate::connection::{Connection, Event, Flow, ReadError, ReadStop};
 use crate::frame::{Frame, FrameKind};
-use crate::hub::{Entry, Hub, JoinError, Member, MemberKind};
+use crate::hub::{Hub, JoinError, Member, MemberKind};
 use crate::limits::{MessageRate, Permit};
 use crate::link::peer::{open_envelope, seal_envelope};
 use crate::logging::{notable, Notable};
@@ -47,6 +47,15 @@ pub const FETCH_BYTES: usize = 64 * 1024;
 /// Frames larger than this are growth, not service, for the memory budget: refused rather
 /// than waited for when memory is short.
 const LARGE_FRAME: usize = 64 * 1024;
+
+/// What a received frame of `n` bytes is to the memory budget.
+fn need_for(n: usize) -> Need {
+    if n > LARGE_FRAME {
+        Need::Growth
+    } else {
+        Need::Service
+    }
+}
 
 /// Memory charged per received frame beyond its payload (its shared buffer's header).
 pub const FRAME_OVERHEAD: usize = 64;
@@ -320,7 +329,14 @@ async fn read_join(
             return Poll::Ready(Err(refusal));
         }
         let _ = conn.poll_write(cx);
-        let step = conn.poll_read(cx, |event| match event {
+        let budget = &sessions.budget;
+        let grant = |n: usize| {
+            let small = n <= protocol::MAX_JOIN_FRAME;
+            small
+                .then(|| budget.try_reserve(n + FRAME_OVERHEAD, Need::Growth))
+                .flatten()
+        };
+        let step = conn.poll_read(cx, grant, |event| match event {
             Event::Message(frame) => {
                 first = Some(frame);
                 Flow::Stop
@@ -443,8 +459,6 @@ struct Serving<'a> {
     memory: Option<BoxFuture<'static, Option<Reservation>>>,
     /// The client closed, or a reason to end found while reading.
     end: Option<End>,
-    batch: Vec<Frame>,
-    entries: Vec<Entry>,
     counts: Counts,
 }
 
@@ -473,8 +487,6 @@ async fn serve(
         paused: false,
         memory: None,
         end: None,
-        batch: Vec::new(),
-        entries: Vec::new(),
         counts: Counts::default(),
     };
     std::future::poll_fn(|cx| {
@@ -574,52 +586,56 @@ impl Serving<'_> {
         let watch = registration.watch();
         // Only the latest ping needs an answer (RFC 6455 §5.5.3).
         let mut pong: Option<Bytes> = None;
-        let step = conn.poll_read(cx, |event| {
-            match event {
-                Event::Message(frame) => {
-                    watch.heard_data();
-                    counts.messages_in += 1;
-                    counts.bytes_in += frame.len() as u64;
-                    if let Some(rate) = rate.as_mut() {
-                        if !rate.allow(sweeper::now_ms()) {
-                            *end = Some(End::RateLimited);
+        let budget = &sessions.budget;
+        let grant = |n: usize| budget.try_reserve(n + FRAME_OVERHEAD, need_for(n));
+        let step = crate::hub::deferring_wakes(|| {
+            conn.poll_read(cx, grant, |event| {
+                match event {
+                    Event::Message(frame) => {
+                        watch.heard_data();
+                        counts.messages_in += 1;
+                        counts.bytes_in += frame.len() as u64;
+                        if let Some(rate) = rate.as_mut() {
+                            if !rate.allow(sweeper::now_ms()) {
+                                *end = Some(End::RateLimited);
+                                return Flow::Stop;
+                            }
+                        }
+                        let published = match mode {
+                            Mode::Client => match member.publish(frame) {
+                                Ok(published) => published,
+                                Err(_) => {
+                                    *end = Some(End::ChannelLimit);
+                                    return Flow::Stop;
+                                }
+                            },
+                            Mode::Peer => {
+                                let Some((key, live, frame)) = open_envelope(&frame) else {
+                                    *end = Some(End::BadEnvelope);
+                                    return Flow::Stop;
+                                };
+                                member.relay(key, live, frame)
+                            }
+                        };
+                        if published.pause {
+                            *paused = true;
+                            watch.paused(true);
                             return Flow::Stop;
                         }
                     }
-                    let published = match mode {
-                        Mode::Client => match member.publish(frame) {
-                            Ok(published) => published,
-                            Err(_) => {
-                                *end = Some(End::ChannelLimit);
-                                return Flow::Stop;
-                            }
-                        },
-                        Mode::Peer => {
-                            let Some((key, live, frame)) = open_envelope(&frame) else {
-                                *end = Some(End::BadEnvelope);
-                                return Flow::Stop;
-                            };
-                            member.relay(key, live, frame)
-                        }
-                    };
-                    if published.pause {
-                        *paused = true;
-                        watch.paused(true);
+                    Event::Ping(payload) => {
+                        watch.heard();
+                        pong = Some(payload);
+                    }
+                    Event::Pong => watch.heard(),
+                    Event::Close(close) => {
+                        watch.heard();
+                        *end = Some(End::ClientClosed(close.map(|c| c.code)));
                         return Flow::Stop;
                     }
                 }
-                Event::Ping(payload) => {
-                    watch.heard();
-                    pong = Some(payload);
-                }
-                Event::Pong => watch.heard(),
-                Event::Close(close) => {
-                    watch.heard();
-                    *end = Some(End::ClientClosed(close.map(|c| c.code)));
-                    return Flow::Stop;
-                }
-            }
-            Flow::Continue
+                Flow::Continue
+            })
         });
         let answered = pong.is_some();
         if let Some(payload) = pong {
@@ -631,12 +647,7 @@ impl Serving<'_> {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(ReadStop::Stopped)) => Poll::Ready(Ok(true)),
             Poll::Ready(Ok(ReadStop::NeedMemory(n))) => {
-                let budget = &sessions.budget;
-                let need = if n > LARGE_FRAME {
-                    Need::Growth
-                } else {
-                    Need::Service
-                };
+                let need = need_for(n);
                 let mut reserved = budget.try_reserve(n + FRAME_OVERHEAD, need);
                 if reserved.is_none() {
                     sessions
@@ -675,30 +686,27 @@ impl Serving<'_> {
 
     /// Takes the next batch of frames for this member and queues it on the connection.
     fn fetch(&mut self) -> Result<(), End> {
-        match self.mode {
-            Mode::Client => {
-                self.member
-                    .fetch(&mut self.batch, FETCH_FRAMES, FETCH_BYTES)
-                    .map_err(|_| End::SlowConsumer)?;
-                for frame in self.batch.drain(..) {
-                    self.counts.messages_out += 1;
-                    self.counts.bytes_out += frame.len() as u64;
-                    self.conn.queue_frame(&frame);
-                }
-            }
-            Mode::Peer => {
-                self.member
-                    .fetch_entries(&mut self.entries, FETCH_FRAMES, FETCH_BYTES)
-                    .map_err(|_| End::SlowConsumer)?;
-                for entry in self.entries.drain(..) {
-                    self.counts.messages_out += 1;
-                    self.counts.bytes_out += entry.frame.len() as u64;
-                    let (prefix, payload) = seal_envelope(&entry);
-                    self.conn.queue_prefixed(&prefix, payload);
-                }
-            }
+        let Serving {
+            conn,
+            member,
+            counts,
+            mode,
+            ..
+        } = self;
+        match mode {
+            Mode::Client => member.fetch_frames(FETCH_FRAMES, FETCH_BYTES, |frame| {
+                counts.messages_out += 1;
+                counts.bytes_out += frame.len() as u64;
+                conn.queue_frame(frame);
+            }),
+            Mode::Peer => member.fetch_entries_with(FETCH_FRAMES, FETCH_BYTES, |entry| {
+                counts.messages_out += 1;
+                counts.bytes_out += entry.frame.len() as u64;
+                let (prefix, payload) = seal_envelope(entry);
+                conn.queue_prefixed(&prefix, payload);
+            }),
         }
-        Ok(())
+        .map_err(|_| End::SlowConsumer)
     }
 }
 

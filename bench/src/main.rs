@@ -364,19 +364,24 @@ fn default_names() -> Vec<String> {
 
 /// Per-client abuse limits of mles that would throttle a load generator whose every client
 /// comes from 127.0.0.1: switched off when this mles has them and `--mles-arg` does not
-/// set them.
+/// set them; and /metrics on the main listener, which the cluster scenarios read.
 fn unlimited_flags(mles: &std::path::Path, given: &[String]) -> Vec<String> {
     let help = std::process::Command::new(mles)
         .arg("--help")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    ["--ip-rate", "--per-ip-limit", "--message-rate"]
+    let mut flags: Vec<String> = ["--ip-rate", "--per-ip-limit", "--message-rate"]
         .iter()
         .filter(|flag| help.contains(&format!("{flag} ")))
         .filter(|flag| !given.iter().any(|g| g.starts_with(*flag)))
         .map(|flag| format!("{flag}=0"))
-        .collect()
+        .collect();
+    // The cluster scenarios read /metrics from loopback on the main listener.
+    if help.contains("--metrics-on-main") && !given.iter().any(|g| g == "--metrics-on-main") {
+        flags.push("--metrics-on-main".to_string());
+    }
+    flags
 }
 
 async fn measure_all(

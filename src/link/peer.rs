@@ -303,7 +303,9 @@ impl LinkConnection for PeerConnection {
                 let mut got = None;
                 let mut pong = None;
                 let mut closed = false;
-                let step = self.conn.poll_read(cx, |event| match event {
+                let budget = &self.budget;
+                let grant = |n: usize| budget.try_reserve(n + FRAME_OVERHEAD, Need::Service);
+                let step = self.conn.poll_read(cx, grant, |event| match event {
                     Event::Message(frame) => {
                         watch.heard_data();
                         got = Some(frame);

@@ -15,9 +15,10 @@
 //! cursor falls off the back of the ring (live frames it never read were dropped) and it is
 //! told [`Lagged`]. When instead *every* member is far behind — the server cannot write as
 //! fast as a publisher sends — the publisher is told to pause ([`Published::pause`]) and its
-//! session stops reading its socket until the fastest reader has caught up: TCP
+//! session stops reading its socket until the readers have caught up: TCP
 //! backpressure slows the publisher instead of the readers being cut off. The ring tells
-//! the cases apart by comparing the head with the fastest member's cursor, not with each
+//! the cases apart by comparing the head with the slowest cursor of the members whose writes
+//! flow (a member whose socket stopped taking data is the one to cut, not to wait for),
 //! member's.
 //!
 //! **Join frames** are history only: never sent live, replayed to later members. They may
@@ -255,8 +256,13 @@ struct Ring {
     /// Publishers waiting for readers to catch up.
     paused: Vec<Arc<WakeSlot>>,
     /// The furthest cursor a member has fetched to, and that member (0: unknown).
-    fastest: u64,
-    fastest_member: MemberId,
+    /// Every member's cursor and write state, to find the slowest reader that reads.
+    cursors: Vec<(MemberId, Arc<Progress>)>,
+    /// That reader's cursor and id when last looked for, and whether to look again (the
+    /// slowest member moved, left or stalled, or a member joined).
+    slowest: u64,
+    slowest_member: MemberId,
+    slowest_stale: bool,
     /// Replaced by a new channel of the same name: frames its last members still send are
     /// not recorded, so they never mix into the new channel's history on disk.
     retired: bool,
@@ -333,9 +339,33 @@ impl Ring {
         }
     }
 
-    /// Whether every reader is so far behind that publishers should pause.
-    fn readers_behind(&self, queue_frames: usize) -> bool {
-        self.fastest_member != 0 && self.next_seq - self.fastest > (queue_frames / 2) as u64
+    /// The cursor of the slowest member whose writes flow. Looked for again (O(members))
+    /// only when it may have changed — that member moved on, left or stalled, or someone
+    /// joined — so about once per publish burst, not once per frame.
+    fn slowest(&mut self) -> u64 {
+        if self.slowest_stale {
+            self.slowest_stale = false;
+            let slowest = self
+                .cursors
+                .iter()
+                .filter(|(_, p)| !p.blocked.load(Ordering::Relaxed))
+                .map(|(id, p)| (p.cursor.load(Ordering::Relaxed), *id))
+                .min();
+            (self.slowest, self.slowest_member) = slowest.unwrap_or((self.next_seq, 0));
+        }
+        self.slowest
+    }
+
+    /// Whether the readers are so far behind that publishers should pause: the slowest
+    /// member whose writes flow. A member whose socket takes no more data is left out: it
+    /// is the one that lags and is cut, and it must not hold the others back.
+    fn readers_behind(&mut self, queue_frames: usize) -> bool {
+        self.next_seq.saturating_sub(self.slowest()) > (queue_frames / 2) as u64
+    }
+
+    /// Whether paused publishers may go on.
+    fn readers_caught_up(&mut self, queue_frames: usize) -> bool {
+        self.next_seq.saturating_sub(self.slowest()) <= (queue_frames / 4) as u64
     }
 }
 
@@ -445,8 +475,10 @@ impl Channel {
                 watchers: Vec::new(),
                 parked: Vec::new(),
                 paused: Vec::new(),
-                fastest: 0,
-                fastest_member: 0,
+                cursors: Vec::new(),
+                slowest: 0,
+                slowest_member: 0,
+                slowest_stale: true,
                 retired: false,
                 charge,
             }),
@@ -565,7 +597,7 @@ impl Channel {
                     key
                 }
             };
-            let mut cursor = member.cursor.load(Ordering::Relaxed);
+            let mut cursor = member.progress.cursor.load(Ordering::Relaxed);
             let start = ring.position(cursor);
             let mut caught_up = true;
             for entry in ring.entries.range(start..) {
@@ -579,7 +611,10 @@ impl Channel {
             if caught_up {
                 cursor = ring.next_seq;
             }
-            member.cursor.store(cursor, Ordering::Relaxed);
+            member.progress.cursor.store(cursor, Ordering::Relaxed);
+            if ring.slowest_member == member.id {
+                ring.slowest_stale = true;
+            }
             let pause = live && ring.readers_behind(self.hub.config.queue_frames);
             if pause && !member.wake.paused.swap(true, Ordering::AcqRel) {
                 ring.paused.push(member.wake.clone());
@@ -896,11 +931,16 @@ impl Hub {
             uid: uid.clone(),
             kind,
             join_seq,
-            cursor: AtomicU64::new(cursor),
+            progress: Arc::new(Progress {
+                cursor: AtomicU64::new(cursor),
+                blocked: AtomicBool::new(false),
+            }),
             notices,
             all_join_frames: false,
             wake: Arc::new(WakeSlot::default()),
         };
+        ring.cursors.push((id, member.progress.clone()));
+        ring.slowest_stale = true;
         let watched = kind == MemberKind::Client && !ring.watchers.is_empty();
         unlock_and_wake(ring, watched, false);
         if first_client {
@@ -999,6 +1039,14 @@ fn relieve_locked(channels: &mut HashMap<Arc<str>, Arc<Channel>>, wanted: usize)
     freed
 }
 
+/// How far a member has read, and whether its writes flow.
+struct Progress {
+    /// Next sequence to deliver. Written only under the channel lock.
+    cursor: AtomicU64,
+    /// Its connection's writes are stalled: it does not count as a reader to wait for.
+    blocked: AtomicBool,
+}
+
 /// One connection's membership of one channel. Dropping it leaves the channel.
 pub struct Member {
     channel: Arc<Channel>,
@@ -1007,9 +1055,9 @@ pub struct Member {
     kind: MemberKind,
     /// Sequence of this member's join: entries before it are history.
     join_seq: u64,
-    /// Next sequence to deliver. Atomic so `&Member` can both publish and fetch; written
-    /// only under the channel lock.
-    cursor: AtomicU64,
+    /// Next sequence to deliver, and whether writes flow; shared with the channel, which
+    /// looks for its slowest reader.
+    progress: Arc<Progress>,
     /// Join and leave notices, when this member asked for them.
     notices: Option<Arc<Notices>>,
     /// Also takes join frames stored after it joined (see [`Member::take_join_frames`]).
@@ -1085,7 +1133,7 @@ impl Member {
 
     /// True when frames past this member's cursor are waiting.
     pub fn has_pending(&self) -> bool {
-        self.channel.head.load(Ordering::Acquire) > self.cursor.load(Ordering::Relaxed)
+        self.channel.head.load(Ordering::Acquire) > self.progress.cursor.load(Ordering::Relaxed)
             || self
                 .notices
                 .as_ref()
@@ -1114,18 +1162,45 @@ impl Member {
         Poll::Pending
     }
 
+    /// Ready when this member fell behind what the channel keeps; otherwise parks the task
+    /// until the next publish. For a member whose writes are stalled: it learns it lagged
+    /// when it did, not when its socket next takes data.
+    pub fn poll_lagged(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.wake.waker.register(cx.waker());
+        let mut ring = self.channel.lock();
+        if self.progress.cursor.load(Ordering::Relaxed) < ring.lost_live_to {
+            return Poll::Ready(());
+        }
+        if !self.wake.parked.swap(true, Ordering::AcqRel) {
+            ring.parked.push(self.wake.clone());
+        }
+        Poll::Pending
+    }
+
+    /// Tells the channel whether this member's writes are stalled (`true`) or flow again.
+    pub fn set_blocked(&self, blocked: bool) {
+        if self.progress.blocked.load(Ordering::Relaxed) != blocked {
+            let mut ring = self.channel.lock();
+            self.progress.blocked.store(blocked, Ordering::Relaxed);
+            ring.slowest_stale = true;
+            // A stalled member no longer holds paused publishers back.
+            let caught_up = blocked
+                && !ring.paused.is_empty()
+                && ring.readers_caught_up(self.channel.hub.config.queue_frames);
+            unlock_and_wake(ring, false, caught_up);
+        }
+    }
+
     /// Waits until a frame past this member's cursor is published.
     pub async fn pending(&self) {
         std::future::poll_fn(|cx| self.poll_pending(cx)).await
     }
 
-    /// Ready once a paused publisher may go on: the fastest reader caught up (or nobody
-    /// reads any more).
+    /// Ready once a paused publisher may go on: the readers caught up.
     pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.wake.waker.register(cx.waker());
         let mut ring = self.channel.lock();
-        let resume = self.channel.hub.config.queue_frames / 4;
-        if ring.fastest_member == 0 || ring.next_seq - ring.fastest <= resume as u64 {
+        if ring.readers_caught_up(self.channel.hub.config.queue_frames) {
             return Poll::Ready(());
         }
         if !self.wake.paused.swap(true, Ordering::AcqRel) {
@@ -1186,12 +1261,13 @@ impl Member {
         max_bytes: usize,
         mut take: impl FnMut(&Entry),
     ) -> Result<(), Lagged> {
-        if self.channel.head.load(Ordering::Acquire) <= self.cursor.load(Ordering::Relaxed) {
+        if self.channel.head.load(Ordering::Acquire) <= self.progress.cursor.load(Ordering::Relaxed)
+        {
             return Ok(());
         }
         {
             let mut ring = self.channel.lock();
-            let mut cursor = self.cursor.load(Ordering::Relaxed);
+            let mut cursor = self.progress.cursor.load(Ordering::Relaxed);
             if cursor < ring.lost_live_to {
                 return Err(Lagged);
             }
@@ -1213,13 +1289,12 @@ impl Member {
             if all {
                 cursor = ring.next_seq;
             }
-            self.cursor.store(cursor, Ordering::Relaxed);
-            if cursor >= ring.fastest {
-                ring.fastest = cursor;
-                ring.fastest_member = self.id;
+            self.progress.cursor.store(cursor, Ordering::Relaxed);
+            if ring.slowest_member == self.id {
+                ring.slowest_stale = true;
             }
-            let resume = (self.channel.hub.config.queue_frames / 4) as u64;
-            let caught_up = ring.next_seq - ring.fastest <= resume;
+            let caught_up = !ring.paused.is_empty()
+                && ring.readers_caught_up(self.channel.hub.config.queue_frames);
             unlock_and_wake(ring, false, caught_up);
         }
         Ok(())
@@ -1248,9 +1323,8 @@ impl Drop for Member {
         if self.wake.paused.load(Ordering::Acquire) {
             ring.paused.retain(|slot| !Arc::ptr_eq(slot, &self.wake));
         }
-        if ring.fastest_member == self.id {
-            ring.fastest_member = 0;
-        }
+        ring.cursors.retain(|(id, _)| *id != self.id);
+        ring.slowest_stale = true;
         let watched = self.kind == MemberKind::Client && !ring.watchers.is_empty();
         if watched {
             ring.notify_presence(
@@ -1368,6 +1442,8 @@ mod tests {
         let fast = client(&hub, "c", "fast");
         let publisher = client(&hub, "c", "p");
         drain(&fast).unwrap();
+        // The slow member's connection stopped taking data.
+        slow.set_blocked(true);
         for i in 0..10 {
             let published = publisher.publish(text(&i.to_string())).unwrap();
             assert!(!published.pause, "a reader keeps up: no pause");

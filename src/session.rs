@@ -509,6 +509,10 @@ impl Serving<'_> {
             if signals.ping {
                 self.conn.queue_control(Opcode::Ping, b"");
             }
+            if signals.stalled {
+                // Stalled past a moment: its channel no longer waits for this member.
+                self.member.set_blocked(true);
+            }
             if signals.resume && self.paused {
                 // The readers did not catch up within the write timeout: go on; those
                 // that stay behind will lag and be cut.
@@ -524,6 +528,7 @@ impl Serving<'_> {
             match self.conn.poll_write(cx) {
                 Poll::Ready(Ok(())) => {
                     watch.write_stalled(false);
+                    self.member.set_blocked(false);
                     if self.member.poll_pending(cx).is_ready() {
                         if let Err(end) = self.fetch() {
                             return Poll::Ready(end);
@@ -533,7 +538,14 @@ impl Serving<'_> {
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(End::Io(e)),
-                Poll::Pending => watch.write_stalled(true),
+                Poll::Pending => {
+                    watch.write_stalled(true);
+                    // A member that stopped reading is cut as soon as it lags, not only
+                    // when its write times out.
+                    if self.member.poll_lagged(cx).is_ready() {
+                        return Poll::Ready(End::SlowConsumer);
+                    }
+                }
             }
 
             // Memory for a frame being received.

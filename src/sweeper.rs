@@ -20,6 +20,10 @@ use crate::shutdown::Shutdown;
 /// How often the sweeper looks.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// A write stalled this long means the peer stopped reading, not that it is busy for a
+/// moment: its channel stops waiting for it (see [`Signals::stalled`]).
+pub const STALL_MARK: Duration = Duration::from_millis(300);
+
 static START: OnceLock<Instant> = OnceLock::new();
 static NOW_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -96,12 +100,15 @@ pub struct Signals {
     pub ping: bool,
     /// Stop waiting for readers: a pause lasted the write timeout.
     pub resume: bool,
+    /// Writes have been stalled for [`STALL_MARK`]: this member stopped reading.
+    pub stalled: bool,
     /// End the session.
     pub expired: Option<Expiry>,
 }
 
 const PING: u8 = 1;
 const RESUME: u8 = 2;
+const STALLED: u8 = 4;
 
 /// One session's clock readings and the sweeper's signals to it.
 #[derive(Default)]
@@ -111,6 +118,7 @@ pub struct Watch {
     data: AtomicU64,
     pinged: AtomicU64,
     stalled_since: AtomicU64,
+    stall_told: AtomicBool,
     paused_since: AtomicU64,
     /// 0 until joined; then the channel's end of life in clock ms, or `u64::MAX`.
     end_of_life: AtomicU64,
@@ -156,6 +164,7 @@ impl Watch {
         if !stalled {
             if since.load(Ordering::Relaxed) != 0 {
                 since.store(0, Ordering::Relaxed);
+                self.stall_told.store(false, Ordering::Relaxed);
             }
         } else if since.load(Ordering::Relaxed) == 0 {
             since.store(now_ms().max(1), Ordering::Relaxed);
@@ -179,6 +188,7 @@ impl Watch {
         Signals {
             ping: flags & PING != 0,
             resume: flags & RESUME != 0,
+            stalled: flags & STALLED != 0,
             expired: Expiry::from_u8(self.expired.load(Ordering::Acquire)),
         }
     }
@@ -220,6 +230,12 @@ impl Watch {
         let stalled = self.stalled_since.load(Ordering::Relaxed);
         if stalled != 0 && since(stalled) >= ms(limits.write_timeout) {
             return self.expire(Expiry::WriteStalled);
+        }
+        if stalled != 0
+            && since(stalled) >= ms(STALL_MARK)
+            && !self.stall_told.swap(true, Ordering::Relaxed)
+        {
+            self.signal(STALLED);
         }
         if now >= self.end_of_life.load(Ordering::Relaxed) {
             return self.expire(Expiry::ChannelLifespan);

@@ -52,6 +52,7 @@ use futures::task::AtomicWaker;
 use crate::budget::{Budget, Need, Reservation};
 use crate::config::HubConfig;
 use crate::frame::Frame;
+use crate::protocol::Position;
 
 /// Memory a channel is charged for existing (its map slot, ring and lock).
 pub const CHANNEL_COST: usize = 1024;
@@ -159,9 +160,39 @@ pub trait Recorder: Send + Sync {
     /// The channel was dropped from the hub for good; its stored history can go.
     fn forget(&self, channel: Arc<str>);
     /// The stored history of `channel`, oldest first (blocking: call off the runtime).
-    fn load(&self, _channel: &str) -> Vec<(MsgKey, bool, Frame)> {
-        Vec::new()
+    fn load(&self, _channel: &str) -> Restored {
+        Restored::default()
     }
+}
+
+/// A channel's history as stored: the epoch of its numbering, and its frames with their
+/// numbers (positions survive a restart with the numbering they had).
+#[derive(Default)]
+pub struct Restored {
+    /// The numbering's epoch; `None` when the store has none (an older format).
+    pub epoch: Option<u64>,
+    pub entries: Vec<RestoredEntry>,
+}
+
+/// One stored frame.
+pub struct RestoredEntry {
+    /// Its number in the channel, if the store kept it.
+    pub position: Option<u64>,
+    pub key: MsgKey,
+    pub live: bool,
+    pub frame: Frame,
+}
+
+/// A fresh random epoch for a channel's numbering.
+fn new_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        return now.as_nanos() as u64;
+    }
+    u64::from_le_bytes(bytes)
 }
 
 /// Where a parked task waits: for frames, or (a paused publisher) for readers to catch up.
@@ -448,6 +479,8 @@ struct HubShared {
 /// One channel: its ring, and its head for lock-free checks.
 pub struct Channel {
     name: Arc<str>,
+    /// The epoch of this channel's numbering: positions from another epoch are not ours.
+    epoch: AtomicU64,
     ring: Mutex<Ring>,
     /// Sequence number the next entry will get; read without the lock to skip idle polls.
     head: AtomicU64,
@@ -458,6 +491,7 @@ impl Channel {
     fn new(name: Arc<str>, hub: Arc<HubShared>, charge: Reservation) -> Channel {
         Channel {
             name,
+            epoch: AtomicU64::new(new_epoch()),
             ring: Mutex::new(Ring {
                 entries: VecDeque::new(),
                 next_seq: 1,
@@ -629,14 +663,37 @@ impl Channel {
     }
 
     /// Stores frames loaded from disk, as history, before anyone joins.
-    pub fn restore(self: &Arc<Self>, entries: impl IntoIterator<Item = (MsgKey, bool, Frame)>) {
+    pub fn restore(self: &Arc<Self>, restored: Restored) {
         let mut ring = self.lock();
+        // Positions survive only with the numbering they belong to, and only when they go
+        // up; otherwise the frames are numbered afresh in a new epoch.
+        let numbered = restored.epoch.is_some()
+            && ring.entries.is_empty()
+            && restored
+                .entries
+                .windows(2)
+                .all(|w| matches!((w[0].position, w[1].position), (Some(a), Some(b)) if a < b))
+            && restored
+                .entries
+                .first()
+                .is_none_or(|e| e.position.is_some());
+        if let (true, Some(epoch)) = (numbered, restored.epoch) {
+            self.epoch.store(epoch, Ordering::Relaxed);
+        }
         let capacity = self.hub.config.seen_capacity();
-        for (key, live, frame) in entries {
-            if ring.remember(&key, capacity) {
-                self.push(&mut ring, RESTORED, live, key, frame);
+        for entry in restored.entries {
+            if ring.remember(&entry.key, capacity) {
+                if let (true, Some(position)) = (numbered, entry.position) {
+                    ring.next_seq = position;
+                }
+                self.push(&mut ring, RESTORED, entry.live, entry.key, entry.frame);
             }
         }
+    }
+
+    /// The epoch of this channel's numbering.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// The last `history_limit` entries, oldest first (for persistence snapshots).
@@ -789,8 +846,8 @@ impl Hub {
         }
         let name = channel.to_string();
         let loaded = tokio::task::spawn_blocking(move || recorder.load(&name)).await;
-        let entries = loaded.unwrap_or_default();
-        if entries.is_empty() {
+        let restored = loaded.unwrap_or_default();
+        if restored.entries.is_empty() {
             return;
         }
         let mut channels = self.channels();
@@ -799,8 +856,8 @@ impl Hub {
             return;
         }
         if let Ok(chan) = self.admit(&mut channels, channel) {
-            drop(channels);
-            chan.restore(entries);
+            // Restored before anyone can find the channel half filled.
+            chan.restore(restored);
         }
     }
 
@@ -823,7 +880,8 @@ impl Hub {
         kind: MemberKind,
         join_frame: Option<Frame>,
     ) -> Result<Member, JoinError> {
-        self.join_with(channel, uid, kind, join_frame, false)
+        self.join_with(channel, uid, kind, join_frame, false, None)
+            .map(|(member, _)| member)
     }
 
     /// Joins a client; with `presence` it is also told when other clients join and leave.
@@ -834,7 +892,25 @@ impl Hub {
         join_frame: Frame,
         presence: bool,
     ) -> Result<Member, JoinError> {
-        self.join_with(channel, uid, MemberKind::Client, Some(join_frame), presence)
+        let kind = MemberKind::Client;
+        self.join_with(channel, uid, kind, Some(join_frame), presence, None)
+            .map(|(member, _)| member)
+    }
+
+    /// Joins a client that asks to resume from `since` (its last position; `None` for a
+    /// token that named none). Returns the member and whether the channel could honour the
+    /// position: then the member's first frames are exactly those published after it;
+    /// otherwise the history as for any new member.
+    pub fn join_resuming(
+        &self,
+        channel: &str,
+        uid: &str,
+        join_frame: Frame,
+        presence: bool,
+        since: Option<Position>,
+    ) -> Result<(Member, bool), JoinError> {
+        let kind = MemberKind::Client;
+        self.join_with(channel, uid, kind, Some(join_frame), presence, Some(since))
     }
 
     fn join_with(
@@ -844,7 +920,8 @@ impl Hub {
         kind: MemberKind,
         join_frame: Option<Frame>,
         presence: bool,
-    ) -> Result<Member, JoinError> {
+        resume: Option<Option<Position>>,
+    ) -> Result<(Member, bool), JoinError> {
         let id = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
         // Holding the map lock while joining keeps the expiry sweep from removing a channel
         // between finding it and joining it.
@@ -921,9 +998,23 @@ impl Hub {
         }
         let history = before.min(self.shared.config.history_limit);
         // With no history to replay the member starts caught up.
-        let cursor = match history {
+        let mut cursor = match history {
             0 => ring.next_seq,
             n => ring.entries[before - n].seq,
+        };
+        // A member resuming starts right after the last frame it saw, if the channel still
+        // holds everything since, within what a new member would be replayed.
+        let recovered = match resume.flatten() {
+            Some(since) if !since.stream && since.epoch == chan.epoch() => {
+                let missed = before - ring.position(since.next).min(before);
+                let holds = since.next >= ring.lost_live_to && since.next <= join_seq;
+                let ok = holds && missed <= self.shared.config.history_limit;
+                if ok {
+                    cursor = since.next;
+                }
+                ok
+            }
+            _ => false,
         };
         let member = Member {
             channel: chan.clone(),
@@ -948,7 +1039,7 @@ impl Hub {
                 backplane.channel_active(&chan);
             }
         }
-        Ok(member)
+        Ok((member, recovered))
     }
 
     /// Drops the least recently active channel that has no members, to make room.
@@ -1219,20 +1310,31 @@ impl Member {
         max_bytes: usize,
     ) -> Result<(), Lagged> {
         self.fetch_frames(max_frames, max_bytes, |frame| out.push(frame.clone()))
+            .map(drop)
     }
 
     /// Like [`Member::fetch`], handing each frame to `take` (under the channel's lock, so
-    /// `take` only queues it) instead of collecting them.
+    /// `take` only queues it) instead of collecting them. Returns how many of the
+    /// channel's frames were taken.
     pub fn fetch_frames(
         &self,
         max_frames: usize,
         max_bytes: usize,
         mut take: impl FnMut(&Frame),
-    ) -> Result<(), Lagged> {
+    ) -> Result<usize, Lagged> {
         if let Some(notices) = &self.notices {
             notices.drain(&mut take);
         }
         self.fetch_with(max_frames, max_bytes, |entry| take(&entry.frame))
+    }
+
+    /// Where this member is: the position just after the last frame it was given.
+    pub fn position(&self) -> Position {
+        Position {
+            stream: false,
+            epoch: self.channel.epoch(),
+            next: self.progress.cursor.load(Ordering::Relaxed),
+        }
     }
 
     /// Like [`Member::fetch`], with each frame's key and liveness (for relaying).
@@ -1243,6 +1345,7 @@ impl Member {
         max_bytes: usize,
     ) -> Result<(), Lagged> {
         self.fetch_with(max_frames, max_bytes, |entry| out.push(entry.clone()))
+            .map(drop)
     }
 
     /// Like [`Member::fetch_entries`], handing each entry to `take` under the lock.
@@ -1252,7 +1355,7 @@ impl Member {
         max_bytes: usize,
         take: impl FnMut(&Entry),
     ) -> Result<(), Lagged> {
-        self.fetch_with(max_frames, max_bytes, take)
+        self.fetch_with(max_frames, max_bytes, take).map(drop)
     }
 
     fn fetch_with(
@@ -1260,12 +1363,12 @@ impl Member {
         max_frames: usize,
         max_bytes: usize,
         mut take: impl FnMut(&Entry),
-    ) -> Result<(), Lagged> {
+    ) -> Result<usize, Lagged> {
         if self.channel.head.load(Ordering::Acquire) <= self.progress.cursor.load(Ordering::Relaxed)
         {
-            return Ok(());
+            return Ok(0);
         }
-        {
+        let taken = {
             let mut ring = self.channel.lock();
             let mut cursor = self.progress.cursor.load(Ordering::Relaxed);
             if cursor < ring.lost_live_to {
@@ -1296,8 +1399,9 @@ impl Member {
             let caught_up = !ring.paused.is_empty()
                 && ring.readers_caught_up(self.channel.hub.config.queue_frames);
             unlock_and_wake(ring, false, caught_up);
-        }
-        Ok(())
+            frames
+        };
+        Ok(taken)
     }
 }
 

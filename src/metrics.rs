@@ -42,6 +42,7 @@ pub struct Metrics {
     pub history_corrupt_files: Counter,
     pub rate_limited: Counter,
     budget_refusals: Family<Reason, Counter>,
+    resumes: Family<Reason, Counter>,
     pub memory_budget: Gauge,
     pub memory_used: Gauge,
 }
@@ -84,6 +85,7 @@ impl Metrics {
             history_corrupt_files: Counter::default(),
             rate_limited: Counter::default(),
             budget_refusals: Family::default(),
+            resumes: Family::default(),
             memory_budget: Gauge::default(),
             memory_used: Gauge::default(),
             registry: Registry::default(),
@@ -226,6 +228,11 @@ impl Metrics {
             m.budget_refusals.clone(),
         );
         r.register(
+            "resumes",
+            "Clients that asked to resume, by result (recovered, not_recovered)",
+            m.resumes.clone(),
+        );
+        r.register(
             "memory_budget_bytes",
             "The memory budget (--max-memory)",
             m.memory_budget.clone(),
@@ -253,6 +260,16 @@ impl Metrics {
     /// Counts something refused for lack of memory (`connection`, `channel`, `frame`, ...).
     pub fn budget_refused(&self, what: &'static str) {
         self.budget_refusals.get_or_create(&[("what", what)]).inc();
+    }
+
+    /// Counts a client that asked to resume, and whether its position was honoured.
+    pub fn resumed(&self, recovered: bool) {
+        let result = if recovered {
+            "recovered"
+        } else {
+            "not_recovered"
+        };
+        self.resumes.get_or_create(&[("result", result)]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

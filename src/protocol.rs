@@ -36,6 +36,12 @@ pub struct Join {
     pub auth: Option<String>,
     /// `"presence": true`: the client wants join and leave notices.
     pub presence: bool,
+    /// `"positions": true`: the client wants position marks (see [`Position`]).
+    pub positions: bool,
+    /// `"since"`: the position the client saw last, to resume from. Any value that is not
+    /// a string is kept as an empty token, which names no position: a bad token never
+    /// refuses a join, it only means the client gets the history as usual.
+    pub since: Option<String>,
     /// `peer_proof`: a linking server's proof of the peer key (see [`PeerKey`]).
     pub peer_proof: Option<String>,
     /// The join frame as it goes into history: the client's frame minus its `auth` and
@@ -74,15 +80,20 @@ pub fn parse_join(text: &str) -> Result<Join, JoinError> {
     };
     let uid = name_field(&object, "uid")?;
     let channel = name_field(&object, "channel")?;
-    let presence = match object.get("presence") {
-        None | Some(serde_json::Value::Null) => false,
-        Some(serde_json::Value::Bool(b)) => *b,
-        Some(_) => return Err(JoinError::WrongType("presence")),
+    let presence = bool_field(&object, "presence")?;
+    let positions = bool_field(&object, "positions")?;
+    let since = match object.get("since") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(_) => Some(String::new()),
     };
     let auth = string_field(&object, "auth")?;
     let peer_proof = string_field(&object, "peer_proof")?;
     // Keep the client's bytes when there is nothing to strip, so history is what was sent.
-    let stripped = object.remove("auth").is_some() | object.remove("peer_proof").is_some();
+    // A resume token is this client's business, not history's.
+    let stripped = object.remove("auth").is_some()
+        | object.remove("peer_proof").is_some()
+        | object.remove("since").is_some();
     let history_frame = if stripped {
         serde_json::Value::Object(object).to_string()
     } else {
@@ -93,9 +104,23 @@ pub fn parse_join(text: &str) -> Result<Join, JoinError> {
         channel,
         auth,
         presence,
+        positions,
+        since,
         peer_proof,
         history_frame,
     })
+}
+
+/// An optional boolean field (absent or null: false).
+fn bool_field(
+    object: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<bool, JoinError> {
+    match object.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(JoinError::WrongType(field)),
+    }
 }
 
 /// An optional string field (absent or null: `None`).
@@ -158,6 +183,97 @@ pub fn verify_auth(join: &Join, key: Option<&str>) -> Result<(), JoinError> {
         Ok(())
     } else {
         Err(JoinError::AuthFailed)
+    }
+}
+
+/// Where a client is in a channel: after which frame its next frame comes. Carried to the
+/// client as an opaque token (`{"position":"<token>"}`) and back in a join frame's `since`
+/// to resume (see the README's protocol section).
+///
+/// A position is a number in a numbering the channel keeps for as long as its `epoch`
+/// lasts: this server's numbering of the channel (`stream` false; it survives a graceful
+/// restart with `--cache`), or the NATS stream's (`stream` true: the same on every server
+/// of a cluster). The token carries the epoch, so a token from before a restart that lost
+/// the history, from another server or another stream is never misread; it is bound to the
+/// channel (a hash of its name), and checksummed so a damaged token is refused. A token is
+/// no secret and grants nothing: it only names a place in a channel the client joins
+/// with its own credentials, within the history a new member would be replayed anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub stream: bool,
+    pub epoch: u64,
+    /// The number of the next frame the client has not seen.
+    pub next: u64,
+}
+
+/// Longest resume token accepted.
+pub const MAX_TOKEN_LEN: usize = 64;
+
+const TOKEN_VERSION: u8 = 1;
+
+/// A 32-bit tag of `data` (SipHash-2-4, key 0): binds a token to its channel and checks it.
+fn tag32(parts: &[&[u8]]) -> u32 {
+    let mut hasher = SipHasher::new();
+    for part in parts {
+        hasher.write(part);
+    }
+    hasher.finish() as u32
+}
+
+impl Position {
+    /// The token of this position in `channel`.
+    pub fn token(&self, channel: &str) -> String {
+        use base64::Engine;
+        let mut bytes = Vec::with_capacity(25);
+        bytes.push(TOKEN_VERSION | if self.stream { 0x80 } else { 0 });
+        bytes.extend_from_slice(&self.epoch.to_be_bytes());
+        bytes.extend_from_slice(&self.next.to_be_bytes());
+        bytes.extend_from_slice(&tag32(&[channel.as_bytes()]).to_be_bytes());
+        let check = tag32(&[&bytes]);
+        bytes.extend_from_slice(&check.to_be_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The position `token` names in `channel`; `None` when it is malformed, damaged, too
+    /// long, or from another channel.
+    pub fn from_token(token: &str, channel: &str) -> Option<Position> {
+        use base64::Engine;
+        if token.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()?;
+        if bytes.len() != 25 || bytes[0] & 0x7f != TOKEN_VERSION {
+            return None;
+        }
+        let check = u32::from_be_bytes(bytes[21..25].try_into().ok()?);
+        if check != tag32(&[&bytes[..21]]) {
+            return None;
+        }
+        let tag = u32::from_be_bytes(bytes[17..21].try_into().ok()?);
+        if tag != tag32(&[channel.as_bytes()]) {
+            return None;
+        }
+        Some(Position {
+            stream: bytes[0] & 0x80 != 0,
+            epoch: u64::from_be_bytes(bytes[1..9].try_into().ok()?),
+            next: u64::from_be_bytes(bytes[9..17].try_into().ok()?),
+        })
+    }
+}
+
+/// The position mark sent to a client that asked for them.
+pub fn position_mark(position: &Position, channel: &str) -> String {
+    format!(r#"{{"position":"{}"}}"#, position.token(channel))
+}
+
+/// The first frame to a client that asked to resume.
+pub fn recovered_frame(recovered: bool) -> &'static str {
+    if recovered {
+        r#"{"recovered":true}"#
+    } else {
+        r#"{"recovered":false}"#
     }
 }
 
@@ -446,6 +562,44 @@ mod tests {
     }
 
     #[test]
+    fn position_tokens_round_trip_and_bind_their_channel() {
+        let p = Position {
+            stream: true,
+            epoch: 0x1234,
+            next: 99,
+        };
+        let token = p.token("general");
+        assert!(token.len() <= MAX_TOKEN_LEN);
+        assert_eq!(Position::from_token(&token, "general"), Some(p));
+        assert_eq!(
+            Position::from_token(&token, "other"),
+            None,
+            "another channel"
+        );
+        let mut damaged = token.clone().into_bytes();
+        damaged[10] = if damaged[10] == b'A' { b'B' } else { b'A' };
+        let damaged = String::from_utf8(damaged).unwrap();
+        assert_eq!(Position::from_token(&damaged, "general"), None);
+        assert_eq!(Position::from_token("garbage!", "general"), None);
+        assert_eq!(Position::from_token(&"A".repeat(200), "general"), None);
+        assert_eq!(Position::from_token("", "general"), None);
+    }
+
+    #[test]
+    fn resume_fields_parse_and_the_token_stays_out_of_history() {
+        let j = parse_join(r#"{"uid":"a","channel":"c","positions":true,"since":"tok"}"#).unwrap();
+        assert!(j.positions);
+        assert_eq!(j.since.as_deref(), Some("tok"));
+        assert_eq!(
+            j.history_frame,
+            r#"{"uid":"a","channel":"c","positions":true}"#
+        );
+        let j = parse_join(r#"{"uid":"a","channel":"c","since":5}"#).unwrap();
+        assert_eq!(j.since.as_deref(), Some(""), "a bad token is no refusal");
+        assert!(parse_join(r#"{"uid":"a","channel":"c","positions":"yes"}"#).is_err());
+    }
+
+    #[test]
     fn parses_a_minimal_join() {
         let j = parse_join(r#"{"uid":"alice","channel":"general"}"#).unwrap();
         assert_eq!(j.uid, "alice");
@@ -528,6 +682,8 @@ mod tests {
             channel: "c".into(),
             auth,
             presence: false,
+            positions: false,
+            since: None,
             peer_proof: None,
             history_frame: String::new(),
         };

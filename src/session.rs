@@ -222,16 +222,28 @@ pub async fn run(
         let joined = sessions
             .hub
             .join(&join.channel, &name, MemberKind::Peer, None);
-        (Mode::Peer, joined)
+        (Mode::Peer, joined.map(|member| (member, None)))
     } else {
         let frame = Frame::text(join.history_frame.clone());
-        let joined = sessions
-            .hub
-            .join_client(&join.channel, &join.uid, frame, join.presence);
+        let hub = &sessions.hub;
+        let joined = match &join.since {
+            // A client resuming: only what it missed, if the channel can tell.
+            Some(token) => {
+                let since = protocol::Position::from_token(token, &join.channel);
+                hub.join_resuming(&join.channel, &join.uid, frame, join.presence, since)
+                    .map(|(member, recovered)| {
+                        sessions.metrics.resumed(recovered);
+                        (member, Some(recovered))
+                    })
+            }
+            None => hub
+                .join_client(&join.channel, &join.uid, frame, join.presence)
+                .map(|member| (member, None)),
+        };
         (Mode::Client, joined)
     };
-    let member = match joined {
-        Ok(member) => member,
+    let (member, recovered) = match joined {
+        Ok(joined) => joined,
         Err(e) => {
             let (metric, code) = match e {
                 JoinError::DuplicateUid => ("duplicate_uid", close::POLICY),
@@ -251,7 +263,12 @@ pub async fn run(
         .watch()
         .joined(mode == Mode::Client, member.channel().end_of_life());
     debug!("{} joined {}", join.uid, join.channel);
-    let end = serve(&mut conn, &member, &sessions, &registration, mode).await;
+    if let Some(recovered) = recovered {
+        // Before anything else, the client learns whether it resumed.
+        conn.queue_frame(&Frame::text(protocol::recovered_frame(recovered)));
+    }
+    let marks = join.positions.then_some(join.channel.as_str());
+    let end = serve(&mut conn, &member, &sessions, &registration, mode, marks).await;
     drop(member);
     let detail = end.close_frame().map(|(_, why)| why).unwrap_or_default();
     match &end {
@@ -460,6 +477,10 @@ struct Serving<'a> {
     /// The client closed, or a reason to end found while reading.
     end: Option<End>,
     counts: Counts,
+    /// The channel, for a client that asked for position marks.
+    marks: Option<&'a str>,
+    /// A mark was sent (the first one goes out even after an empty replay).
+    marked: bool,
 }
 
 /// Pumps frames between a joined connection and its channel until either side ends: for
@@ -470,6 +491,7 @@ async fn serve(
     sessions: &Sessions,
     registration: &Registration,
     mode: Mode,
+    marks: Option<&str>,
 ) -> End {
     let rate = match (mode, sessions.config.message_rate) {
         (Mode::Client, Some((max, window))) => {
@@ -488,7 +510,10 @@ async fn serve(
         memory: None,
         end: None,
         counts: Counts::default(),
+        marks,
+        marked: false,
     };
+
     std::future::poll_fn(|cx| {
         let step = state.poll(cx);
         state.counts.flush(&state.sessions.metrics);
@@ -696,29 +721,45 @@ impl Serving<'_> {
         }
     }
 
-    /// Takes the next batch of frames for this member and queues it on the connection.
+    /// Takes the next batch of frames for this member and queues it on the connection,
+    /// followed by a position mark if the client asked for them and got frames.
     fn fetch(&mut self) -> Result<(), End> {
         let Serving {
             conn,
             member,
             counts,
             mode,
+            marks,
+            marked,
             ..
         } = self;
         match mode {
-            Mode::Client => member.fetch_frames(FETCH_FRAMES, FETCH_BYTES, |frame| {
-                counts.messages_out += 1;
-                counts.bytes_out += frame.len() as u64;
-                conn.queue_frame(frame);
-            }),
-            Mode::Peer => member.fetch_entries_with(FETCH_FRAMES, FETCH_BYTES, |entry| {
-                counts.messages_out += 1;
-                counts.bytes_out += entry.frame.len() as u64;
-                let (prefix, payload) = seal_envelope(entry);
-                conn.queue_prefixed(&prefix, payload);
-            }),
+            Mode::Client => {
+                let taken = member
+                    .fetch_frames(FETCH_FRAMES, FETCH_BYTES, |frame| {
+                        counts.messages_out += 1;
+                        counts.bytes_out += frame.len() as u64;
+                        conn.queue_frame(frame);
+                    })
+                    .map_err(|_| End::SlowConsumer)?;
+                if let (Some(channel), true) = (marks, taken > 0 || !*marked) {
+                    // One mark per write, after its frames, never between them; the first
+                    // also after an empty replay, so the client knows where it starts.
+                    let mark = protocol::position_mark(&member.position(), channel);
+                    conn.queue_frame(&Frame::text(mark));
+                    *marked = true;
+                }
+                Ok(())
+            }
+            Mode::Peer => member
+                .fetch_entries_with(FETCH_FRAMES, FETCH_BYTES, |entry| {
+                    counts.messages_out += 1;
+                    counts.bytes_out += entry.frame.len() as u64;
+                    let (prefix, payload) = seal_envelope(entry);
+                    conn.queue_prefixed(&prefix, payload);
+                })
+                .map_err(|_| End::SlowConsumer),
         }
-        .map_err(|_| End::SlowConsumer)
     }
 }
 

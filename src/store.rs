@@ -2,9 +2,11 @@
 //!
 //! One append-only log per channel under `<cache>/history/`, named by a hash of the channel
 //! name (any valid name fits a file name, however long) and beginning with a record that
-//! holds the full name. Each record is `len:u32le crc32:u32le body`; the CRC covers the
-//! body. The first record's body is `"MLESNAME" name`; every other body is `live:u8 kind:u8
-//! origin_len:u8 origin seq:u64le payload`.
+//! holds the full name. Each record is `len:u32le crc32:u32le body`; the CRC
+//! covers the body. The first record's body is `"MLESNAME" epoch:u64le name`; every other body is
+//! `live:u8 kind:u8 origin_len:u8 origin seq:u64le position:u64le payload`. The epoch and
+//! the positions are the channel's numbering, so positions clients saw (resume tokens)
+//! stay valid across a restart.
 //!
 //! The hub hands every stored frame to [`Store::record`], which only queues it (never
 //! blocks); a writer thread appends, flushes every [`FLUSH_EVERY`] and fsyncs every
@@ -46,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::budget::{charge_frame, Budget};
 use crate::config::HubConfig;
 use crate::frame::{Frame, FrameKind};
-use crate::hub::{Channel, Entry, MsgKey, Recorder};
+use crate::hub::{Channel, Entry, MsgKey, Recorder, Restored, RestoredEntry};
 use crate::metrics::Metrics;
 
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -63,7 +65,7 @@ const NAME_MAGIC: &[u8; 8] = b"MLESNAME";
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
 
 enum Op {
-    Append(Arc<str>, Entry),
+    Append(Arc<str>, u64, Entry),
     Forget(Arc<str>),
     Sync(oneshot::Sender<()>),
 }
@@ -82,7 +84,8 @@ pub struct Store {
 impl Recorder for Store {
     fn record(&self, channel: &Arc<Channel>, entry: &Entry) {
         let name: Arc<str> = Arc::from(channel.name());
-        if self.tx.try_send(Op::Append(name, entry.clone())).is_err() {
+        let op = Op::Append(name, channel.epoch(), entry.clone());
+        if self.tx.try_send(op).is_err() {
             self.dropped.inc();
         }
     }
@@ -91,18 +94,18 @@ impl Recorder for Store {
         let _ = self.tx.try_send(Op::Forget(channel));
     }
 
-    fn load(&self, channel: &str) -> Vec<(MsgKey, bool, Frame)> {
+    fn load(&self, channel: &str) -> Restored {
         let path = log_path(&self.dir, channel);
         let log = match read_log(&path, self.limit, self.max_bytes) {
             Ok(log) => log,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Restored::default(),
             Err(e) => {
                 warn!(
                     "history of '{channel}': cannot read {}: {e}",
                     path.display()
                 );
                 self.corrupt.inc();
-                return Vec::new();
+                return Restored::default();
             }
         };
         if let Some(offset) = log.damaged_at {
@@ -112,18 +115,36 @@ impl Recorder for Store {
             );
             self.corrupt.inc();
         }
+        let epoch = log.epoch.unwrap_or_else(fresh_epoch);
         if log.damaged_at.is_some() || log.records > 2 * self.limit {
             // Start compact and without the damage.
-            if let Err(e) = rewrite(&path, channel, log.entries.iter()) {
+            if let Err(e) = rewrite(&path, channel, epoch, log.entries.iter()) {
                 warn!("rewriting history of '{channel}': {e}");
             }
         }
         // Held from now on like any frame: charged to the budget, whatever the total.
-        log.entries
+        let entries = log
+            .entries
             .into_iter()
-            .map(|(key, live, frame)| (key, live, charge_frame(&self.budget, frame)))
-            .collect()
+            .map(|(key, live, frame, position)| RestoredEntry {
+                position,
+                key,
+                live,
+                frame: charge_frame(&self.budget, frame),
+            })
+            .collect();
+        Restored {
+            epoch: log.epoch,
+            entries,
+        }
     }
+}
+
+/// A random epoch for a log that has none.
+fn fresh_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::getrandom(&mut bytes);
+    u64::from_le_bytes(bytes)
 }
 
 impl Store {
@@ -218,7 +239,7 @@ fn migrate(dir: &Path, limit: usize, max_bytes: usize, corrupt: &Counter) {
                     corrupt.inc();
                 }
                 let target = log_path(dir, &name);
-                match rewrite(&target, &name, log.entries.iter()) {
+                match rewrite(&target, &name, fresh_epoch(), log.entries.iter()) {
                     Ok(()) => {
                         let _ = fs::remove_file(&path);
                         moved += 1;
@@ -243,9 +264,10 @@ fn encode_record(body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(body);
 }
 
-fn name_record(channel: &str, out: &mut Vec<u8>) {
-    let mut body = Vec::with_capacity(NAME_MAGIC.len() + channel.len());
+fn name_record(channel: &str, epoch: u64, out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(NAME_MAGIC.len() + 8 + channel.len());
     body.extend_from_slice(NAME_MAGIC);
+    body.extend_from_slice(&epoch.to_le_bytes());
     body.extend_from_slice(channel.as_bytes());
     encode_record(&body, out);
 }
@@ -256,32 +278,51 @@ fn encode(entry: &Entry, out: &mut Vec<u8>) {
         FrameKind::Binary => 1,
     };
     let payload: &[u8] = entry.frame.data();
-    encode_frame(&entry.key, entry.live, kind, payload, out);
+    encode_frame(&entry.key, entry.live, kind, payload, entry.seq, out);
 }
 
-fn encode_frame(key: &MsgKey, live: bool, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+fn encode_frame(
+    key: &MsgKey,
+    live: bool,
+    kind: u8,
+    payload: &[u8],
+    position: u64,
+    out: &mut Vec<u8>,
+) {
     let origin = &key.origin.as_bytes()[..key.origin.len().min(255)];
-    let mut body = Vec::with_capacity(3 + origin.len() + 8 + payload.len());
+    let mut body = Vec::with_capacity(3 + origin.len() + 16 + payload.len());
     body.push(live as u8);
     body.push(kind);
     body.push(origin.len() as u8);
     body.extend_from_slice(origin);
     body.extend_from_slice(&key.seq.to_le_bytes());
+    body.extend_from_slice(&position.to_le_bytes());
     body.extend_from_slice(payload);
     encode_record(&body, out);
 }
 
-fn decode(body: &[u8]) -> Option<(MsgKey, bool, Frame)> {
+/// A stored frame: its key, liveness, the frame, and its position (none in logs of the
+/// earlier format).
+type Stored = (MsgKey, bool, Frame, Option<u64>);
+
+/// A frame record's body; `positioned` for the current format.
+fn decode(body: &[u8], positioned: bool) -> Option<Stored> {
     let (&live, rest) = body.split_first()?;
     let (&kind, rest) = rest.split_first()?;
     let (&len, rest) = rest.split_first()?;
     let len = len as usize;
-    if rest.len() < len + 8 {
+    let fixed = if positioned { 16 } else { 8 };
+    if rest.len() < len + fixed {
         return None;
     }
     let origin = std::str::from_utf8(&rest[..len]).ok()?;
     let seq = u64::from_le_bytes(rest[len..len + 8].try_into().ok()?);
-    let payload = Bytes::copy_from_slice(&rest[len + 8..]);
+    let position = if positioned {
+        Some(u64::from_le_bytes(rest[len + 8..len + 16].try_into().ok()?))
+    } else {
+        None
+    };
+    let payload = Bytes::copy_from_slice(&rest[len + fixed..]);
     let kind = match kind {
         0 => FrameKind::Text,
         1 => FrameKind::Binary,
@@ -292,15 +333,17 @@ fn decode(body: &[u8]) -> Option<(MsgKey, bool, Frame)> {
         origin: Arc::from(origin),
         seq,
     };
-    Some((key, live != 0, frame))
+    Some((key, live != 0, frame, position))
 }
 
 /// What reading a log found.
 pub struct Log {
     /// The channel name of its first record, if it has one.
     pub name: Option<String>,
+    /// The epoch of the channel's numbering, from the first record.
+    pub epoch: Option<u64>,
     /// The last frames (at most the limit and the byte bound), oldest first.
-    pub entries: VecDeque<(MsgKey, bool, Frame)>,
+    pub entries: VecDeque<Stored>,
     /// Frame records read in all.
     pub records: usize,
     /// Offset of the first damaged record, if any.
@@ -350,6 +393,7 @@ fn read_records(path: &Path, limit: usize, max_bytes: usize, named: bool) -> io:
     let mut reader = BufReader::with_capacity(64 * 1024, file);
     let mut log = Log {
         name: None,
+        epoch: None,
         entries: VecDeque::new(),
         records: 0,
         damaged_at: None,
@@ -368,13 +412,17 @@ fn read_records(path: &Path, limit: usize, max_bytes: usize, named: bool) -> io:
         };
         let size = 8 + body.len() as u64;
         if std::mem::take(&mut first) {
-            if let Some(name) = body.strip_prefix(NAME_MAGIC) {
-                log.name = String::from_utf8(name.to_vec()).ok();
+            if let Some(rest) = body.strip_prefix(NAME_MAGIC) {
+                if rest.len() >= 8 {
+                    let (epoch, name) = rest.split_at(8);
+                    log.epoch = epoch.try_into().ok().map(u64::from_le_bytes);
+                    log.name = String::from_utf8(name.to_vec()).ok();
+                }
                 at += size;
                 continue;
             }
         }
-        let Some(entry) = decode(&body) else {
+        let Some(entry) = decode(&body, named) else {
             log.damaged_at = Some(at);
             break;
         };
@@ -409,21 +457,26 @@ fn count_records(path: &Path) -> io::Result<usize> {
     Ok(count.saturating_sub(1))
 }
 
-/// Replaces the log of `channel` at `path` with exactly `entries`, atomically.
+/// Replaces the log of `channel` at `path` with exactly `entries`, atomically. Entries
+/// without a position (from an older format) are numbered in order.
 fn rewrite<'a>(
     path: &Path,
     channel: &str,
-    entries: impl Iterator<Item = &'a (MsgKey, bool, Frame)>,
+    epoch: u64,
+    entries: impl Iterator<Item = &'a Stored>,
 ) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut out = Vec::new();
-    name_record(channel, &mut out);
-    for (key, live, frame) in entries {
+    name_record(channel, epoch, &mut out);
+    let mut next = 1;
+    for (key, live, frame, position) in entries {
         let kind = match frame.kind() {
             FrameKind::Text => 0,
             FrameKind::Binary => 1,
         };
-        encode_frame(key, *live, kind, frame.data(), &mut out);
+        let position = position.unwrap_or(next);
+        next = position + 1;
+        encode_frame(key, *live, kind, frame.data(), position, &mut out);
     }
     let mut file = File::create(&tmp)?;
     file.write_all(&out)?;
@@ -488,14 +541,14 @@ impl Writer {
                 self.logs.remove(&name);
                 let _ = fs::remove_file(log_path(&self.dir, &name));
             }
-            Op::Append(channel, entry) => self.append(channel, &entry),
+            Op::Append(channel, epoch, entry) => self.append(channel, epoch, &entry),
         }
     }
 
     /// Opens the log of `name` for appending: a new one starts with its name record; an
     /// existing one's records are counted, so compaction happens on time however often the
     /// log was closed and reopened.
-    fn open(&mut self, name: &Arc<str>) -> io::Result<OpenLog> {
+    fn open(&mut self, name: &Arc<str>, epoch: u64) -> io::Result<OpenLog> {
         let path = log_path(&self.dir, name);
         let records = match count_records(&path) {
             Ok(n) => Some(n),
@@ -506,7 +559,7 @@ impl Writer {
         let mut writer = BufWriter::new(file);
         if records.is_none() {
             let mut head = Vec::new();
-            name_record(name, &mut head);
+            name_record(name, epoch, &mut head);
             writer.write_all(&head)?;
         }
         Ok(OpenLog {
@@ -517,9 +570,9 @@ impl Writer {
         })
     }
 
-    fn append(&mut self, name: Arc<str>, entry: &Entry) {
+    fn append(&mut self, name: Arc<str>, epoch: u64, entry: &Entry) {
         if !self.logs.contains_key(&name) {
-            match self.open(&name) {
+            match self.open(&name, epoch) {
                 Ok(log) => {
                     self.logs.insert(name.clone(), log);
                 }
@@ -549,8 +602,9 @@ impl Writer {
             let _ = log.writer.flush();
             self.logs.remove(&name);
             let path = log_path(&self.dir, &name);
-            let compacted = read_log(&path, self.limit, self.max_bytes)
-                .and_then(|log| rewrite(&path, &name, log.entries.iter()));
+            let compacted = read_log(&path, self.limit, self.max_bytes).and_then(|log| {
+                rewrite(&path, &name, log.epoch.unwrap_or(epoch), log.entries.iter())
+            });
             if let Err(e) = compacted {
                 warn!("compacting history of '{name}': {e}");
             }
@@ -595,7 +649,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         let mut data = Vec::new();
-        name_record("chan", &mut data);
+        name_record("chan", 7, &mut data);
         encode(&entry(1, false, Frame::text("{\"uid\":\"a\"}")), &mut data);
         encode(&entry(2, true, Frame::binary(vec![0u8, 1, 2])), &mut data);
         let good = data.len();
@@ -626,7 +680,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         let mut data = Vec::new();
-        name_record("c", &mut data);
+        name_record("c", 7, &mut data);
         for i in 0..1000 {
             encode(&entry(i, true, Frame::text(format!("m{i}"))), &mut data);
         }
@@ -667,7 +721,11 @@ mod tests {
         let name: Arc<str> = Arc::from("c");
         for round in 0..10u64 {
             for i in 0..8 {
-                w.append(name.clone(), &entry(round * 8 + i, true, Frame::text("x")));
+                w.append(
+                    name.clone(),
+                    7,
+                    &entry(round * 8 + i, true, Frame::text("x")),
+                );
             }
             flush_all(&mut w.logs, true);
             // What an idle close does.

@@ -214,7 +214,7 @@ async fn a_250_character_channel_name_keeps_its_history_across_a_restart() {
 }
 
 /// A history record in the store's format: `len:u32le crc32:u32le body`, body =
-/// `live:u8 kind:u8 origin_len:u8 origin seq:u64le payload` (kind 0 text, 1 binary). The
+/// `live:u8 kind:u8 origin_len:u8 origin seq:u64le position:u64le payload` (kind 0 text, 1 binary). The
 /// CRC of a body ending in a long payload is combined from the payload's, computed once.
 fn record(
     out: &mut impl Write,
@@ -227,6 +227,8 @@ fn record(
     let mut prefix = vec![1u8, kind, ORIGIN.len() as u8];
     prefix.extend_from_slice(ORIGIN);
     prefix.extend_from_slice(&seq.to_le_bytes());
+    // Its position in the channel: after everything the server wrote.
+    prefix.extend_from_slice(&(1_000_000 + seq).to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&prefix);
     crc.combine(payload_crc);

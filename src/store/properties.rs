@@ -32,7 +32,7 @@ fn record() -> impl Strategy<Value = Record> {
 /// the name record first.
 fn write_log(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
     let mut data = Vec::new();
-    name_record("c", &mut data);
+    name_record("c", 1, &mut data);
     let mut ends = vec![data.len()];
     for (origin, seq, live, msg) in records {
         let entry = Entry {
@@ -60,7 +60,7 @@ fn read_log(data: &[u8]) -> (Vec<Record>, Option<usize>) {
     let records = log
         .entries
         .into_iter()
-        .map(|(key, live, msg)| (key.origin.to_string(), key.seq, live, msg))
+        .map(|(key, live, msg, _position)| (key.origin.to_string(), key.seq, live, msg))
         .collect();
     (records, log.damaged_at.map(|at| at as usize))
 }

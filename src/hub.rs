@@ -131,6 +131,8 @@ pub struct Entry {
     pub live: bool,
     pub key: MsgKey,
     pub frame: Frame,
+    /// Its sequence in the cluster's stream, for frames that came through NATS.
+    pub stream: Option<u64>,
 }
 
 impl Entry {
@@ -203,6 +205,86 @@ struct WakeSlot {
     parked: AtomicBool,
     /// In the channel's list of publishers waiting for readers.
     paused: AtomicBool,
+}
+
+/// Frames of this server's clients on their way through the cluster's stream: a channel
+/// whose history the stream orders stores its clients' frames only when they come back
+/// from it, so every server of the cluster holds the same history in the same order.
+/// While the link that orders them is down, frames are stored at once, as on one server.
+pub struct Sequencer {
+    /// The stream's epoch: positions in it mean the same on every server.
+    epoch: u64,
+    state: Mutex<SequencerState>,
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct SequencerState {
+    /// Submitted, not yet handed to the link.
+    queue: VecDeque<(MemberId, MsgKey, Frame)>,
+    /// Handed to the link, not yet back: their publisher and frame, by key number.
+    in_flight: HashMap<u64, (MemberId, Frame)>,
+    /// Frames stored at once instead, while too many were on their way.
+    overflowed: bool,
+}
+
+/// Frames on their way through the stream at most, per channel: past it frames are
+/// stored at once (in local order) rather than held.
+const SEQUENCER_LIMIT: usize = 4096;
+
+impl Sequencer {
+    fn state(&self) -> MutexGuard<'_, SequencerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a client's frame to be ordered; false when too many are on their way.
+    fn submit(&self, from: MemberId, key: MsgKey, frame: Frame) -> bool {
+        let mut state = self.state();
+        if state.queue.len() + state.in_flight.len() >= SEQUENCER_LIMIT {
+            state.overflowed = true;
+            return false;
+        }
+        state.queue.push_back((from, key, frame));
+        drop(state);
+        self.waker.wake();
+        true
+    }
+
+    /// The publisher of our frame numbered `seq`, if it is on its way (and no longer).
+    fn returned(&self, seq: u64) -> Option<MemberId> {
+        self.state().in_flight.remove(&seq).map(|(from, _)| from)
+    }
+
+    /// Moves what is waiting into `out` (as entries, for the link to publish).
+    pub fn take(&self, out: &mut Vec<Entry>) {
+        let mut state = self.state();
+        while let Some((from, key, frame)) = state.queue.pop_front() {
+            state.in_flight.insert(key.seq, (from, frame.clone()));
+            out.push(Entry {
+                seq: 0,
+                from,
+                live: true,
+                key,
+                frame,
+                stream: None,
+            });
+        }
+    }
+
+    /// Ready when frames wait to be taken.
+    pub fn poll_waiting(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.state().queue.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// The stream's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// Join and leave notices for one member that asked for them.
@@ -299,6 +381,8 @@ struct Ring {
     retired: bool,
     /// The channel's own memory: its fixed cost and its entries' bookkeeping.
     charge: Reservation,
+    /// Orders its clients' frames through the cluster's stream, while a link does.
+    sequencer: Option<Arc<Sequencer>>,
 }
 
 impl Ring {
@@ -481,6 +565,8 @@ pub struct Channel {
     name: Arc<str>,
     /// The epoch of this channel's numbering: positions from another epoch are not ours.
     epoch: AtomicU64,
+    /// The epoch of the cluster stream that orders it (0: none).
+    stream_epoch: AtomicU64,
     ring: Mutex<Ring>,
     /// Sequence number the next entry will get; read without the lock to skip idle polls.
     head: AtomicU64,
@@ -492,6 +578,7 @@ impl Channel {
         Channel {
             name,
             epoch: AtomicU64::new(new_epoch()),
+            stream_epoch: AtomicU64::new(0),
             ring: Mutex::new(Ring {
                 entries: VecDeque::new(),
                 next_seq: 1,
@@ -515,6 +602,7 @@ impl Channel {
                 slowest_stale: true,
                 retired: false,
                 charge,
+                sequencer: None,
             }),
             head: AtomicU64::new(1),
             hub,
@@ -540,6 +628,7 @@ impl Channel {
         live: bool,
         key: MsgKey,
         frame: Frame,
+        stream: Option<u64>,
     ) -> u64 {
         let config = &self.hub.config;
         let seq = ring.next_seq;
@@ -550,6 +639,7 @@ impl Channel {
             live,
             key,
             frame,
+            stream,
         };
         // Restored entries came from the recorder; everything else goes to it.
         if let Some(recorder) = self
@@ -605,9 +695,11 @@ impl Channel {
         live: bool,
         key: Option<MsgKey>,
         frame: Frame,
+        stream: Option<u64>,
     ) -> Result<Published, MessageLimit> {
         let parked = {
             let mut ring = self.lock();
+            let mut from = member.id;
             let key = match key {
                 None => {
                     if member.kind == MemberKind::Client {
@@ -618,11 +710,37 @@ impl Channel {
                         }
                         ring.messages += 1;
                     }
-                    self.new_key()
+                    let key = self.new_key();
+                    // Ordered by the cluster's stream first: stored when it comes back.
+                    if let Some(sequencer) = ring.sequencer.as_ref().filter(|_| live) {
+                        if sequencer.submit(member.id, key.clone(), frame.clone()) {
+                            return Ok(Published {
+                                stored: true,
+                                pause: false,
+                            });
+                        }
+                    }
+                    key
+                }
+                Some(key) if key.origin == self.hub.origin => {
+                    // One of ours, back from the stream: stored now, as its publisher's.
+                    let submitted = ring.sequencer.as_ref().and_then(|s| s.returned(key.seq));
+                    match submitted {
+                        Some(publisher) => {
+                            from = publisher;
+                            key
+                        }
+                        None => {
+                            return Ok(Published {
+                                stored: false,
+                                pause: false,
+                            })
+                        }
+                    }
                 }
                 Some(key) => {
                     let capacity = self.hub.config.seen_capacity();
-                    if key.origin == self.hub.origin || !ring.remember(&key, capacity) {
+                    if !ring.remember(&key, capacity) {
                         return Ok(Published {
                             stored: false,
                             pause: false,
@@ -641,7 +759,7 @@ impl Channel {
                 }
                 cursor = entry.seq + 1;
             }
-            self.push(&mut ring, member.id, live, key, frame);
+            self.push(&mut ring, from, live, key, frame, stream);
             if caught_up {
                 cursor = ring.next_seq;
             }
@@ -686,7 +804,14 @@ impl Channel {
                 if let (true, Some(position)) = (numbered, entry.position) {
                     ring.next_seq = position;
                 }
-                self.push(&mut ring, RESTORED, entry.live, entry.key, entry.frame);
+                self.push(
+                    &mut ring,
+                    RESTORED,
+                    entry.live,
+                    entry.key,
+                    entry.frame,
+                    None,
+                );
             }
         }
     }
@@ -694,6 +819,57 @@ impl Channel {
     /// The epoch of this channel's numbering.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Makes the cluster's stream (of `epoch`) order this channel's frames from now on:
+    /// clients' frames wait in the returned sequencer for the link to publish them, and
+    /// are stored when they come back.
+    pub fn attach_sequencer(&self, epoch: u64) -> Arc<Sequencer> {
+        let mut ring = self.lock();
+        if let Some(sequencer) = ring.sequencer.as_ref().filter(|s| s.epoch == epoch) {
+            return sequencer.clone();
+        }
+        let sequencer = Arc::new(Sequencer {
+            epoch,
+            state: Mutex::new(SequencerState::default()),
+            waker: AtomicWaker::new(),
+        });
+        ring.sequencer = Some(sequencer.clone());
+        self.stream_epoch.store(epoch, Ordering::Relaxed);
+        sequencer
+    }
+
+    /// The link that ordered this channel's frames is gone: frames on their way are stored
+    /// now (in the order they were sent), and new ones at once.
+    pub fn detach_sequencer(self: &Arc<Self>) {
+        let mut ring = self.lock();
+        let Some(sequencer) = ring.sequencer.take() else {
+            return;
+        };
+        let mut state = sequencer.state();
+        let mut waiting: Vec<(MemberId, MsgKey, Frame)> = state
+            .in_flight
+            .drain()
+            .map(|(seq, (from, frame))| {
+                let key = MsgKey {
+                    origin: self.hub.origin.clone(),
+                    seq,
+                };
+                (from, key, frame)
+            })
+            .collect();
+        waiting.sort_by_key(|(_, key, _)| key.seq);
+        waiting.extend(state.queue.drain(..));
+        drop(state);
+        for (from, key, frame) in waiting {
+            self.push(&mut ring, from, true, key, frame, None);
+        }
+        unlock_and_wake(ring, true, false);
+    }
+
+    /// The epoch of the cluster stream that orders this channel, if one does (0: none).
+    pub fn stream_epoch(&self) -> u64 {
+        self.stream_epoch.load(Ordering::Relaxed)
     }
 
     /// The last `history_limit` entries, oldest first (for persistence snapshots).
@@ -993,7 +1169,7 @@ impl Hub {
                 ring.messages += 1;
             }
             let key = chan.new_key();
-            chan.push(&mut ring, id, false, key, frame);
+            chan.push(&mut ring, id, false, key, frame, None);
             before = ring.position(join_seq);
         }
         let history = before.min(self.shared.config.history_limit);
@@ -1002,17 +1178,36 @@ impl Hub {
             0 => ring.next_seq,
             n => ring.entries[before - n].seq,
         };
+        let mut member_stream = 0;
         // A member resuming starts right after the last frame it saw, if the channel still
         // holds everything since, within what a new member would be replayed.
+        let limit = self.shared.config.history_limit;
         let recovered = match resume.flatten() {
             Some(since) if !since.stream && since.epoch == chan.epoch() => {
                 let missed = before - ring.position(since.next).min(before);
                 let holds = since.next >= ring.lost_live_to && since.next <= join_seq;
-                let ok = holds && missed <= self.shared.config.history_limit;
+                let ok = holds && missed <= limit;
                 if ok {
                     cursor = since.next;
                 }
                 ok
+            }
+            // A position in the cluster's stream: right after the frame it names, which
+            // has the same place in every server's history.
+            Some(since) if since.stream && since.epoch == chan.stream_epoch() && since.next > 0 => {
+                let seen = since.next - 1;
+                let at = ring
+                    .entries
+                    .range(..before)
+                    .rposition(|e| e.stream == Some(seen));
+                match at {
+                    Some(at) if before - (at + 1) <= limit => {
+                        cursor = ring.entries[at].seq + 1;
+                        member_stream = seen;
+                        true
+                    }
+                    _ => false,
+                }
             }
             _ => false,
         };
@@ -1028,6 +1223,7 @@ impl Hub {
             }),
             notices,
             all_join_frames: false,
+            last_stream: AtomicU64::new(member_stream),
             wake: Arc::new(WakeSlot::default()),
         };
         ring.cursors.push((id, member.progress.clone()));
@@ -1153,6 +1349,8 @@ pub struct Member {
     notices: Option<Arc<Notices>>,
     /// Also takes join frames stored after it joined (see [`Member::take_join_frames`]).
     all_join_frames: bool,
+    /// The stream sequence of the last frame from the cluster's stream it went past.
+    last_stream: AtomicU64,
     wake: Arc<WakeSlot>,
 }
 
@@ -1175,14 +1373,25 @@ impl Member {
 
     /// Sends a client's frame to every other member of the channel and into its history.
     pub fn publish(&self, frame: Frame) -> Result<Published, MessageLimit> {
-        self.channel.publish(self, true, None, frame)
+        self.channel.publish(self, true, None, frame, None)
     }
 
     /// Stores a frame relayed from another server, unless a frame with the same key is
     /// already here (it came by another path) or it originated on this server.
     pub fn relay(&self, key: MsgKey, live: bool, frame: Frame) -> Published {
+        self.relay_from_stream(key, live, frame, None)
+    }
+
+    /// [`Member::relay`] for a frame that came through the cluster's stream at `stream`.
+    pub fn relay_from_stream(
+        &self,
+        key: MsgKey,
+        live: bool,
+        frame: Frame,
+        stream: Option<u64>,
+    ) -> Published {
         self.channel
-            .publish(self, live, Some(key), frame)
+            .publish(self, live, Some(key), frame, stream)
             .unwrap_or(Published {
                 stored: false,
                 pause: false,
@@ -1202,7 +1411,7 @@ impl Member {
             }
         }
         self.channel
-            .publish(self, true, None, frame)
+            .publish(self, true, None, frame, None)
             .unwrap_or(Published {
                 stored: false,
                 pause: false,
@@ -1328,8 +1537,19 @@ impl Member {
         self.fetch_with(max_frames, max_bytes, |entry| take(&entry.frame))
     }
 
-    /// Where this member is: the position just after the last frame it was given.
+    /// Where this member is: the position just after the last frame it was given — in the
+    /// cluster's stream when that orders the channel (the same on every server), else in
+    /// this server's numbering.
     pub fn position(&self) -> Position {
+        let stream_epoch = self.channel.stream_epoch();
+        let last_stream = self.last_stream.load(Ordering::Relaxed);
+        if stream_epoch != 0 && last_stream != 0 {
+            return Position {
+                stream: true,
+                epoch: stream_epoch,
+                next: last_stream + 1,
+            };
+        }
         Position {
             stream: false,
             epoch: self.channel.epoch(),
@@ -1386,6 +1606,9 @@ impl Member {
                     take(entry);
                     frames += 1;
                     bytes += entry.frame.len();
+                }
+                if let Some(stream) = entry.stream {
+                    self.last_stream.store(stream, Ordering::Relaxed);
                 }
                 cursor = entry.seq + 1;
             }

@@ -641,6 +641,7 @@ mod tests {
                 seq,
             },
             frame,
+            stream: None,
         }
     }
 

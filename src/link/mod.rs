@@ -26,7 +26,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::frame::Frame;
-use crate::hub::{Backplane, Channel, Entry, Hub, JoinError, Member, MemberId, MemberKind, MsgKey};
+use crate::hub::{
+    Backplane, Channel, Entry, Hub, JoinError, Member, MemberId, MemberKind, MsgKey, Sequencer,
+};
 use crate::limits::Backoff;
 use crate::shutdown::Shutdown;
 use crate::websocket::ProtocolError;
@@ -89,6 +91,8 @@ pub struct Received {
     pub key: Option<MsgKey>,
     pub live: bool,
     pub frame: Frame,
+    /// Its sequence in the cluster's stream (NATS).
+    pub stream: Option<u64>,
 }
 
 /// How a kind of link reaches the other side.
@@ -131,6 +135,12 @@ pub trait LinkConnection: Send {
 
     /// The link's member joined the channel as `member`.
     fn joined(&mut self, _member: MemberId) {}
+
+    /// The epoch of the stream this link orders its channel's frames by, once it can
+    /// (connected and caught up with the stream); `None` for links that do not order.
+    fn orders(&self) -> Option<u64> {
+        None
+    }
 
     /// Queues local frames for the other side (the batch is consumed); never waits.
     fn send(&mut self, batch: &mut Vec<Entry>) -> Result<(), LinkError>;
@@ -340,6 +350,19 @@ impl Backplane for LinkBackplane {
     }
 }
 
+/// A channel's frames ordered by this link; dropping it (the link ends, however) hands
+/// what is on its way back to the channel, stored at once.
+struct Ordering {
+    sequencer: Arc<Sequencer>,
+    channel: Arc<Channel>,
+}
+
+impl Drop for Ordering {
+    fn drop(&mut self) {
+        self.channel.detach_sequencer();
+    }
+}
+
 /// Moves frames between `member` and the connection until the link fails.
 pub async fn pump(
     conn: &mut dyn LinkConnection,
@@ -350,7 +373,26 @@ pub async fn pump(
     let mut batch = Vec::new();
     let mut renewal = tokio::time::interval(RENEWAL_CHECK);
     renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ordering: Option<Ordering> = None;
     loop {
+        if ordering.is_none() {
+            if let Some(epoch) = conn.orders() {
+                // From now on the channel's clients' frames go through the stream first.
+                let sequencer = member.channel().attach_sequencer(epoch);
+                ordering = Some(Ordering {
+                    sequencer,
+                    channel: member.channel().clone(),
+                });
+            }
+        }
+        if let Some(ordering) = &ordering {
+            if conn.ready_to_send() {
+                ordering.sequencer.take(&mut batch);
+                if !batch.is_empty() {
+                    conn.send(&mut batch)?;
+                }
+            }
+        }
         while conn.ready_to_send() && member.has_pending() {
             member
                 .fetch_entries(&mut batch, FETCH_FRAMES, FETCH_BYTES)
@@ -360,11 +402,17 @@ pub async fn pump(
             }
             conn.send(&mut batch)?;
         }
+        let waiting = async {
+            match &ordering {
+                Some(o) => std::future::poll_fn(|cx| o.sequencer.poll_waiting(cx)).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             received = conn.recv() => {
                 let received = received?;
                 let published = match received.key {
-                    Some(key) => member.relay(key, received.live, received.frame),
+                    Some(key) => member.relay_from_stream(key, received.live, received.frame, received.stream),
                     None => member.relay_by_content(received.frame),
                 };
                 if published.pause {
@@ -375,6 +423,7 @@ pub async fn pump(
                 }
             }
             _ = member.pending(), if conn.ready_to_send() => {}
+            _ = waiting, if conn.ready_to_send() => {}
             _ = renewal.tick() => {
                 // A channel past its lifespan is replaced by a new one of the same name.
                 let current = hub.channel(member.channel().name());

@@ -402,7 +402,11 @@ impl Transport for NatsTransport {
         if last == 0 {
             state.caught_up.send_replace(true);
         }
+        // The stream's creation time names its numbering: the same on every server, new if
+        // the stream is ever made again.
+        let epoch = (stream.cached_info().created.unix_timestamp_nanos() as u64).max(1);
         Ok(Box::new(NatsConnection {
+            epoch,
             js: self.js.clone(),
             stream,
             subject,
@@ -452,6 +456,8 @@ type Publishing = BoxFuture<'static, Result<Vec<MsgKey>, LinkError>>;
 
 /// One channel's connected link to NATS.
 struct NatsConnection {
+    /// The stream's epoch (see [`Transport::connect`]).
+    epoch: u64,
     js: async_nats::jetstream::Context,
     stream: stream::Stream,
     subject: String,
@@ -551,6 +557,7 @@ impl NatsConnection {
                 key: Some(key),
                 live,
                 frame: charge_frame(&self.budget, frame),
+                stream: Some(sequence),
             })),
             None => {
                 debug!(
@@ -571,6 +578,11 @@ impl LinkConnection for NatsConnection {
 
     fn takes_join_frames(&self) -> bool {
         true
+    }
+
+    fn orders(&self) -> Option<u64> {
+        // Once caught up: frames go through the stream only when it answers.
+        self.state.caught_up.borrow().then_some(self.epoch)
     }
 
     fn joined(&mut self, member: MemberId) {
@@ -756,6 +768,7 @@ mod tests {
                 seq,
             },
             frame,
+            stream: None,
         }
     }
 

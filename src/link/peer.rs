@@ -378,6 +378,7 @@ impl PeerConnection {
                 key: None,
                 live: true,
                 frame,
+                stream: None,
             });
         }
         let (key, live, frame) = open_envelope(&frame).ok_or(LinkError::Malformed)?;
@@ -385,6 +386,7 @@ impl PeerConnection {
             key: Some(key),
             live,
             frame,
+            stream: None,
         })
     }
 }

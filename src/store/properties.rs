@@ -44,6 +44,7 @@ fn write_log(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
                 seq: *seq,
             },
             frame: msg.clone(),
+            stream: None,
         };
         encode(&entry, &mut data);
         ends.push(data.len());

@@ -156,23 +156,13 @@ impl Server {
     /// Binds the listener and prepares TLS. Nothing is served until [`Server::run`].
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let acceptor = Arc::new(Acceptor::from_config(&config)?);
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| Error::Bind(config.listen, e))?;
+        let listener = bind(config.listen).await?;
         let metrics_listener = match config.metrics_bind {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::Bind(addr, e))?,
-            ),
+            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         let redirect = match config.redirect {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::Bind(addr, e))?,
-            ),
+            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         let (trigger, shutdown) = shutdown::channel();
@@ -378,6 +368,13 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// A listener on `addr`.
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Bind(addr, e))
 }
 
 /// The links to other servers the configuration asks for: one transport per `--peer`, or

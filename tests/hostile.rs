@@ -24,18 +24,8 @@ async fn keyed_server(
     peers: &[u16],
     tweak: impl FnOnce(&mut mles::config::Config),
 ) -> TestServer {
-    let id = id.to_string();
-    let urls: Vec<_> = peers
-        .iter()
-        .map(|p| mles::config::parse_peer_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
-        .collect();
-    start_with(move |c| {
-        c.listen = SocketAddr::from(([127, 0, 0, 1], port));
-        c.server_id = id;
-        c.peers.urls = urls;
-        c.peers.grace = Duration::from_secs(1);
+    linked_server(id, port, peers, PEER_KEY, move |c| {
         c.key = Some(CLIENT_KEY.into());
-        c.peer_key = Some(mles::protocol::PeerKey::new(PEER_KEY));
         tweak(c);
     })
     .await

@@ -29,20 +29,7 @@ async fn peer_server_with(
     peers: &[u16],
     more: impl FnOnce(&mut mles::config::Config),
 ) -> TestServer {
-    let id = id.to_string();
-    let urls: Vec<_> = peers
-        .iter()
-        .map(|p| mles::config::parse_peer_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
-        .collect();
-    start_with(move |c| {
-        c.listen = SocketAddr::from(([127, 0, 0, 1], port));
-        c.peer_key = Some(mles::protocol::PeerKey::new(PEER_KEY));
-        c.server_id = id;
-        c.peers.urls = urls;
-        c.peers.grace = Duration::from_secs(1);
-        more(c);
-    })
-    .await
+    linked_server(id, port, peers, PEER_KEY, more).await
 }
 
 /// How long frames may take to cross the links.

@@ -191,7 +191,11 @@ async fn garbage_overlong_and_other_channel_tokens_get_recovered_false() {
     }
     // A token that is not even a string is a bad token, not a refused join.
     let mut ws = connect(server.addr).await;
-    send_text(&mut ws, r#"{"uid":"x","channel":"b","since":42,"positions":true}"#).await;
+    send_text(
+        &mut ws,
+        r#"{"uid":"x","channel":"b","since":42,"positions":true}"#,
+    )
+    .await;
     let back = receive(&mut ws, 2).await;
     assert_eq!(back.recovered, Some(false));
 }

@@ -96,6 +96,32 @@ pub async fn start_config(config: Config) -> TestServer {
     }
 }
 
+/// A server `id` on loopback `port` that links to the servers on `peers` (with a one-second
+/// grace period) and proves `peer_key`, with `more` settings.
+pub async fn linked_server(
+    id: &str,
+    port: u16,
+    peers: &[u16],
+    peer_key: &str,
+    more: impl FnOnce(&mut Config),
+) -> TestServer {
+    let id = id.to_string();
+    let urls: Vec<_> = peers
+        .iter()
+        .map(|p| mles::config::parse_peer_url(&format!("ws://127.0.0.1:{p}/")).unwrap())
+        .collect();
+    let peer_key = mles::protocol::PeerKey::new(peer_key);
+    start_with(move |c| {
+        c.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        c.peer_key = Some(peer_key);
+        c.server_id = id;
+        c.peers.urls = urls;
+        c.peers.grace = Duration::from_secs(1);
+        more(c);
+    })
+    .await
+}
+
 /// Opens a WebSocket offering `protocols` (None: no Sec-WebSocket-Protocol header).
 pub async fn connect_with(
     addr: SocketAddr,

@@ -189,9 +189,15 @@ async fn garbage_overlong_and_other_channel_tokens_get_recovered_false() {
         assert_eq!(back.recovered, Some(false), "token {i}");
         assert_eq!(back.data, frames(0..2), "token {i}: the normal history");
     }
-    // A token that is not even a string is a bad token, not a refused join.
+    // A token that is not even a string is a bad token, not a refused join. (With marks:
+    // `receive` ends at the quiet after the first mark; without one it would wait out its
+    // whole bound, racing the bound of each read.)
     let mut ws = connect(server.addr).await;
-    send_text(&mut ws, r#"{"uid":"x","channel":"b","since":42}"#).await;
+    send_text(
+        &mut ws,
+        r#"{"uid":"x","channel":"b","positions":true,"since":42}"#,
+    )
+    .await;
     let back = receive(&mut ws, 2).await;
     assert_eq!(back.recovered, Some(false));
 }

@@ -1,6 +1,7 @@
 //! Real clients, run as users run them: `websocat` (crates.io, 1.x) over ws:// and over
 //! wss:// against a self-signed certificate, and Debian's chromium opening the shipped chat
-//! page over https and talking to a websocat client.
+//! page over https and talking to a websocat client, and reconnecting and resuming by
+//! itself when the test cuts its network (a TCP relay) or restarts the server.
 //!
 //! These tests need tools outside cargo; when one is missing they fail and say how to
 //! install it (see `.ci/run`): `websocat` on PATH or in ~/.cargo/bin, `node` with
@@ -10,6 +11,7 @@ mod common;
 use common::*;
 
 use std::hash::Hasher;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -713,8 +715,9 @@ async fn browser_chat_page_shows_refusals_and_signs_in_with_a_shared_key() {
     ))
     .await;
     late.expect_line(&join_frame("cli", "keyed")).await;
-    // The page asks for presence notices; the flag stays in its join frame.
-    late.expect_line(r#"{"uid":"web","channel":"keyed","presence":true}"#)
+    // The page asks for presence notices and position marks; the flags stay in its join
+    // frame.
+    late.expect_line(r#"{"uid":"web","channel":"keyed","presence":true,"positions":true}"#)
         .await;
     late.expect_line(r#"{"uid":"web","message":"signed in"}"#)
         .await;
@@ -790,7 +793,7 @@ async fn browser_chat_page_lists_members_once_and_follows_presence() {
         let mut bob = Websocat::spawn("bob", &args);
         bob.send_line(r#"{"uid":"bob","channel":"crowd"}"#).await;
         bob.expect_line(alice_join).await;
-        bob.expect_line(r#"{"uid":"web","channel":"crowd","presence":true}"#)
+        bob.expect_line(r#"{"uid":"web","channel":"crowd","presence":true,"positions":true}"#)
             .await;
         bob.expect_line(r#"{"uid":"web","message":"hi bob"}"#).await;
         let (status, stderr) = bob.finish().await;
@@ -817,4 +820,472 @@ async fn browser_chat_page_lists_members_once_and_follows_presence() {
     let (status, stderr) = alice.finish().await;
     assert!(status.success(), "websocat failed: {status}; {stderr}");
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reconnecting and resuming
+
+/// A TCP relay between the browser and the server that the test can cut, as a phone loses
+/// its network: the page reaches the server only through it, while the test's websocat
+/// clients talk to the server directly. Closed, it accepts connections and drops them at
+/// once (the browser sees its attempt fail), and counts them.
+struct Relay {
+    addr: SocketAddr,
+    state: Arc<Mutex<RelayState>>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    closed: bool,
+    /// Connections dropped because the relay was closed.
+    refused: usize,
+    /// The tasks relaying open connections; aborting one closes both of its sockets.
+    links: Vec<tokio::task::AbortHandle>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay binds");
+        let addr = listener.local_addr().expect("relay address");
+        let state = Arc::new(Mutex::new(RelayState::default()));
+        let shared = state.clone();
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                // Decided under the lock, so a cut never misses a link being set up.
+                let mut state = shared.lock().unwrap();
+                if state.closed {
+                    state.refused += 1;
+                    continue; // `client` is dropped: closed at once
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                state.links.retain(|l| !l.is_finished());
+                state.links.push(link.abort_handle());
+            }
+        });
+        Relay {
+            addr,
+            state,
+            acceptor,
+        }
+    }
+
+    /// New connections are dropped; open ones carry on.
+    fn close_to_new(&self) {
+        self.state.lock().unwrap().closed = true;
+    }
+
+    /// Every open connection is cut (no close frame, just the TCP connection gone) and new
+    /// ones are dropped.
+    fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.closed = true;
+        for link in state.links.drain(..) {
+            link.abort();
+        }
+    }
+
+    fn reopen(&self) {
+        self.state.lock().unwrap().closed = false;
+    }
+
+    fn refused(&self) -> usize {
+        self.state.lock().unwrap().refused
+    }
+
+    /// Waits until a connection attempt came in (and was dropped) after `before` did.
+    async fn wait_for_attempt(&self, before: usize) {
+        wait_until("the page tried to reconnect", WAIT, async || {
+            self.refused() > before
+        })
+        .await;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.cut();
+    }
+}
+
+/// A TLS server for the page, optionally on a given port (a restart), with a cache and a key.
+async fn start_page_server(
+    port: Option<u16>,
+    cache: Option<&Path>,
+    key: Option<&str>,
+) -> TestServer {
+    let cache = cache.map(Path::to_path_buf);
+    let key = key.map(str::to_string);
+    start_with(move |c| {
+        c.tls = TlsConfig::SelfSigned;
+        c.cache = cache;
+        c.key = key;
+        if let Some(port) = port {
+            c.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    })
+    .await
+}
+
+/// Waits until `channel`'s history holds the text frame `text`.
+async fn wait_for_stored(server: &TestServer, channel: &str, text: &str) {
+    wait_until(&format!("{text:?} stored in {channel}"), WAIT, async || {
+        server
+            .shared
+            .hub
+            .channel(channel)
+            .is_some_and(|c| c.history().iter().any(|e| e.frame.as_text() == Some(text)))
+    })
+    .await;
+}
+
+/// Waits until `server` no longer (`false`) or again (`true`) has `uid` in `channel`.
+async fn wait_for_member(server: &TestServer, channel: &str, uid: &str, present: bool) {
+    let what = format!(
+        "{uid} {} {channel}",
+        if present { "in" } else { "gone from" }
+    );
+    wait_until(&what, WAIT, async || {
+        server
+            .shared
+            .hub
+            .channel(channel)
+            .is_some_and(|c| c.has_member(uid))
+            == present
+    })
+    .await;
+}
+
+impl Websocat {
+    /// Reads lines (the history a fresh join replays) until `want`; returns what came before.
+    async fn skip_until(&mut self, want: &str) -> Vec<String> {
+        let mut before = Vec::new();
+        for _ in 0..1000 {
+            let line = self.next_line().await;
+            if line == want {
+                return before;
+            }
+            before.push(line);
+        }
+        panic!("{}: no {want:?} in 1000 lines: {before:?}", self.name);
+    }
+}
+
+/// The chat message `text` from `uid` as the page sends it.
+fn chat(uid: &str, text: &str) -> String {
+    serde_json::json!({"uid": uid, "message": text}).to_string()
+}
+
+/// A metric's value in `text` (the Prometheus exposition), 0 when it is absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+const RECOVERED: &str = r#"mles_resumes_total{result="recovered"}"#;
+const NOT_RECOVERED: &str = r#"mles_resumes_total{result="not_recovered"}"#;
+
+#[tokio::test]
+async fn browser_chat_page_reconnects_by_itself_and_resumes_without_duplicates() {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let server = start_page_server(None, Some(cache.path()), None).await;
+    let port = server.addr.port();
+    let relay = Relay::start(server.addr).await;
+    let ws_url = format!("wss://localhost:{port}/");
+    let args = ["-k", "--protocol", "mles-websocket", ws_url.as_str()];
+    let room = "resume-room";
+    let cli_join = r#"{"uid":"cli","channel":"resume-room"}"#;
+    let page_url = format!(
+        "https://localhost:{}/?uid=web&channel={room}&autojoin=1",
+        relay.addr.port()
+    );
+    let shot = artifacts_dir().join("chat-resumed.png");
+    let _ = std::fs::remove_file(&shot);
+    let shot_arg = shot.to_string_lossy().into_owned();
+    let away = artifacts_dir().join("chat-reconnecting.png");
+    let _ = std::fs::remove_file(&away);
+    let away_arg = away.to_string_lossy().into_owned();
+
+    let mut cli = Websocat::spawn("cli", &args);
+    cli.send_line(cli_join).await;
+    cli.send_line(&chat("cli", "one")).await;
+    wait_for_history(&server, room, 2).await;
+
+    let (mut browser, mut guard) = spawn_browser(
+        &[
+            "--goto",
+            &page_url,
+            "--wait-state",
+            "connected",
+            "--wait-log",
+            "cli: one",
+            "--send",
+            "two",
+            // The relay cuts the connection; the page notices and retries by itself...
+            "--wait-state",
+            "reconnecting",
+            "--screenshot",
+            &away_arg,
+            // ...and once it gets through, shows what it missed, and carries on.
+            "--wait-log",
+            "cli: four",
+            "--wait-state",
+            "connected",
+            "--send",
+            "five",
+            // The server shuts down gracefully and comes back (with its cache).
+            "--wait-state",
+            "reconnecting",
+            "--wait-log",
+            "cli: seven",
+            "--wait-state",
+            "connected",
+            "--send",
+            "eight",
+            "--wait-log",
+            "cli: nine",
+            "--screenshot",
+            &shot_arg,
+            "--print",
+            // Leaving on purpose is final.
+            "--click",
+            "#join",
+            "--wait-state",
+            "closed",
+            "--print",
+        ],
+        &[],
+    );
+    let mut metrics_before_restart = String::new();
+    let mut restarted = None;
+    let reports = with_browser(&mut browser, &mut guard, async {
+        cli.expect_line(&chat("web", "two")).await;
+
+        // The network goes away: the page's connection is cut, and while it is away (its
+        // attempts dropped by the relay) two messages are sent.
+        let attempts = relay.refused();
+        relay.cut();
+        wait_for_member(&server, room, "web", false).await;
+        cli.send_line(&chat("cli", "three")).await;
+        cli.send_line(&chat("cli", "four")).await;
+        wait_for_stored(&server, room, &(chat("cli", "four") + "\n")).await;
+        relay.wait_for_attempt(attempts).await;
+        relay.reopen();
+        // The page is back; its next message is the first thing websocat gets since "two".
+        cli.expect_line(&chat("web", "five")).await;
+        wait_for_member(&server, room, "web", true).await;
+        metrics_before_restart = server.shared.metrics.render();
+
+        // A graceful restart on the same port with the same cache. The page's connection
+        // stays up through the relay until the server closes it (1001); its attempts are
+        // dropped until the new server has two messages the page has not seen.
+        let attempts = relay.refused();
+        relay.close_to_new();
+        server.stop().await;
+        cli.finish().await;
+        let server = start_page_server(Some(port), Some(cache.path()), None).await;
+        let mut cli = Websocat::spawn("cli again", &args);
+        cli.send_line(cli_join).await;
+        cli.send_line(&chat("cli", "six")).await;
+        cli.send_line(&chat("cli", "seven")).await;
+        wait_for_stored(&server, room, &(chat("cli", "seven") + "\n")).await;
+        relay.wait_for_attempt(attempts).await;
+        relay.reopen();
+        // websocat first gets the channel's history (restored from the cache).
+        let history = cli.skip_until(&chat("web", "eight")).await;
+        assert!(history.contains(&chat("web", "five")), "{history:?}");
+        cli.send_line(&chat("cli", "nine")).await;
+        restarted = Some((server, cli));
+    })
+    .await;
+
+    assert_eq!(reports.len(), 2);
+    let report = &reports[0];
+    assert_eq!(report.state, "connected");
+    assert_eq!(report.status, "connected to #resume-room as web");
+    // Every message once, in order; the marks and the resume answers never show; the
+    // page's own "two" and "five", which each resume handed back, are not shown again.
+    assert_eq!(
+        report.log,
+        entries(&[
+            ("system", "You joined #resume-room as web"),
+            ("join", "cli joined"),
+            ("message", "cli: one"),
+            ("mine", "web: two"),
+            (
+                "error",
+                "Connection interrupted: connection lost (1006); reconnecting…"
+            ),
+            (
+                "system",
+                "Reconnected to #resume-room; resumed where you left off"
+            ),
+            ("message", "cli: three"),
+            ("message", "cli: four"),
+            ("mine", "web: five"),
+            (
+                "error",
+                "Connection interrupted: server going away (1001: server shutting down); \
+                 reconnecting…"
+            ),
+            (
+                "system",
+                "Reconnected to #resume-room; resumed where you left off"
+            ),
+            ("message", "cli: six"),
+            ("message", "cli: seven"),
+            ("mine", "web: eight"),
+            ("message", "cli: nine"),
+        ])
+    );
+    assert_eq!(report.members, ["cli", "web (you)"]);
+    assert_png(&shot);
+    assert_png(&away);
+    let left = &reports[1];
+    assert_eq!(left.status, "closed (you left)");
+    assert_eq!(
+        left.log.last(),
+        Some(&(
+            "system".to_string(),
+            "Connection closed (you left)".to_string()
+        ))
+    );
+    assert!(left.members.is_empty(), "{:?}", left.members);
+
+    // Each server counted the page's resume as recovered.
+    let (server, cli) = restarted.expect("the talk finished");
+    wait_for_member(&server, room, "web", false).await;
+    let after_restart = server.shared.metrics.render();
+    for metrics in [&metrics_before_restart, &after_restart] {
+        assert_eq!(metric(metrics, RECOVERED), 1.0, "{metrics}");
+        assert_eq!(metric(metrics, NOT_RECOVERED), 0.0, "{metrics}");
+    }
+    cli.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn browser_chat_page_reloads_the_history_when_it_cannot_resume_and_stops_at_a_refusal() {
+    let server = start_page_server(None, None, None).await;
+    let port = server.addr.port();
+    let relay = Relay::start(server.addr).await;
+    let ws_url = format!("wss://localhost:{port}/");
+    let args = ["-k", "--protocol", "mles-websocket", ws_url.as_str()];
+    let room = "lost-room";
+    let cli_join = r#"{"uid":"cli","channel":"lost-room"}"#;
+    let page_url = format!(
+        "https://localhost:{}/?uid=web&channel={room}&autojoin=1",
+        relay.addr.port()
+    );
+
+    let mut cli = Websocat::spawn("cli", &args);
+    cli.send_line(cli_join).await;
+    cli.send_line(&chat("cli", "one")).await;
+    wait_for_history(&server, room, 2).await;
+
+    let (mut browser, mut guard) = spawn_browser(
+        &[
+            "--goto",
+            &page_url,
+            "--wait-state",
+            "connected",
+            "--wait-log",
+            "cli: one",
+            "--send",
+            "two",
+            // The server restarts without a cache: the page cannot resume.
+            "--wait-state",
+            "reconnecting",
+            "--wait-log",
+            "cli: after the restart",
+            "--wait-state",
+            "connected",
+            "--print",
+            "--send",
+            "noted",
+            // The server restarts with a key the page does not have: a refusal, final.
+            "--wait-state",
+            "reconnecting",
+            "--wait-state",
+            "closed",
+            "--print",
+        ],
+        &[],
+    );
+    let mut refusing = None;
+    let reports = with_browser(&mut browser, &mut guard, async {
+        cli.expect_line(&chat("web", "two")).await;
+
+        let attempts = relay.refused();
+        relay.close_to_new();
+        server.stop().await;
+        cli.finish().await;
+        let server = start_page_server(Some(port), None, None).await;
+        let mut cli = Websocat::spawn("cli again", &args);
+        cli.send_line(cli_join).await;
+        cli.send_line(&chat("cli", "after the restart")).await;
+        wait_for_history(&server, room, 2).await;
+        relay.wait_for_attempt(attempts).await;
+        relay.reopen();
+        cli.expect_line(&chat("web", "noted")).await;
+        let metrics = server.shared.metrics.render();
+        assert_eq!(metric(&metrics, NOT_RECOVERED), 1.0, "{metrics}");
+        assert_eq!(metric(&metrics, RECOVERED), 0.0, "{metrics}");
+
+        let attempts = relay.refused();
+        relay.close_to_new();
+        server.stop().await;
+        cli.finish().await;
+        let server = start_page_server(Some(port), None, Some("a key the page lacks")).await;
+        relay.wait_for_attempt(attempts).await;
+        relay.reopen();
+        refusing = Some(server);
+    })
+    .await;
+
+    assert_eq!(reports.len(), 2);
+    // Not resumed: the log starts afresh with the history, so nothing shows twice (the
+    // page's own earlier lines are gone with the server's memory of them).
+    let report = &reports[0];
+    assert_eq!(report.status, "connected to #lost-room as web");
+    assert_eq!(
+        report.log,
+        entries(&[
+            (
+                "system",
+                "Reconnected to #lost-room; could not resume, so the history was reloaded"
+            ),
+            ("join", "cli joined"),
+            ("message", "cli: after the restart"),
+        ])
+    );
+    assert_eq!(report.members, ["cli", "web (you)"]);
+
+    // Refused while reconnecting: the page says why and stops (a closed page has no
+    // reconnect pending: only a drop of a working session schedules one).
+    let report = &reports[1];
+    assert_eq!(report.state, "closed");
+    assert_eq!(report.status, "refused (1008: authentication failed)");
+    assert_eq!(
+        report.log[3..],
+        entries(&[
+            ("mine", "web: noted"),
+            (
+                "error",
+                "Connection interrupted: server going away (1001: server shutting down); \
+                 reconnecting…"
+            ),
+            ("error", "Connection refused (1008: authentication failed)"),
+        ])[..]
+    );
+    assert!(report.members.is_empty(), "{:?}", report.members);
+    refusing.expect("the talk finished").stop().await;
 }

@@ -9,6 +9,8 @@
 //   --fill-env SELECTOR VAR type the value of environment variable VAR (keeps secrets off argv)
 //   --click SELECTOR        click
 //   --wait-status TEXT      wait until the status pill's text contains TEXT
+//   --wait-state STATE      wait until the status pill's state is STATE (connecting,
+//                           connected, reconnecting, closed)
 //   --send TEXT             type TEXT into the message box and press Send
 //   --wait-log TEXT         wait until some log entry's text contains TEXT
 //   --wait-member UID       wait until UID is in the member list
@@ -36,6 +38,7 @@ const TOTAL_TIMEOUT_MS = 90_000;
 function parseSteps(argv) {
   const arity = {
     "--goto": 1, "--fill": 2, "--fill-env": 2, "--click": 1, "--wait-status": 1,
+    "--wait-state": 1,
     "--send": 1, "--wait-log": 1, "--wait-member": 1, "--wait-no-member": 1,
     "--screenshot": 1, "--print": 0,
   };
@@ -118,6 +121,13 @@ async function run(steps) {
         case "--wait-status":
           await page.waitForFunction(
             (want) => document.getElementById("status").textContent.includes(want),
+            args[0],
+            { timeout: STEP_TIMEOUT_MS, polling: 50 },
+          );
+          break;
+        case "--wait-state":
+          await page.waitForFunction(
+            (want) => document.getElementById("status").dataset.state === want,
             args[0],
             { timeout: STEP_TIMEOUT_MS, polling: 50 },
           );

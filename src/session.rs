@@ -479,8 +479,8 @@ struct Serving<'a> {
     counts: Counts,
     /// The channel, for a client that asked for position marks.
     marks: Option<&'a str>,
-    /// A mark was sent (the first one goes out even after an empty replay).
-    marked: bool,
+    /// The position in the last mark sent.
+    marked: Option<protocol::Position>,
 }
 
 /// Pumps frames between a joined connection and its channel until either side ends: for
@@ -511,8 +511,12 @@ async fn serve(
         end: None,
         counts: Counts::default(),
         marks,
-        marked: false,
+        marked: None,
     };
+    if !member.has_pending() {
+        // Nothing to replay: the client still learns where it starts.
+        state.mark();
+    }
 
     std::future::poll_fn(|cx| {
         let step = state.poll(cx);
@@ -598,6 +602,10 @@ impl Serving<'_> {
                     Poll::Ready(Ok(false)) => {}
                     Poll::Ready(Err(end)) => return Poll::Ready(end),
                     Poll::Pending => {}
+                }
+                if self.marks.is_some() && self.marked.is_some() && self.mark() {
+                    // Its own frames moved it on: the loop goes round to write the mark.
+                    progress = true;
                 }
             }
             if !progress {
@@ -721,6 +729,25 @@ impl Serving<'_> {
         }
     }
 
+    /// Queues a position mark if the client asked for them and its position moved since
+    /// the last one: after a batch (never between its frames), after an empty replay (so
+    /// it knows where it starts), and past its own frames (so a resume does not hand them
+    /// back to it).
+    /// True when a mark was queued.
+    fn mark(&mut self) -> bool {
+        let Some(channel) = self.marks else {
+            return false;
+        };
+        let position = self.member.position();
+        if self.marked == Some(position) {
+            return false;
+        }
+        let mark = protocol::position_mark(&position, channel);
+        self.conn.queue_frame(&Frame::text(mark));
+        self.marked = Some(position);
+        true
+    }
+
     /// Takes the next batch of frames for this member and queues it on the connection,
     /// followed by a position mark if the client asked for them and got frames.
     fn fetch(&mut self) -> Result<(), End> {
@@ -729,8 +756,6 @@ impl Serving<'_> {
             member,
             counts,
             mode,
-            marks,
-            marked,
             ..
         } = self;
         match mode {
@@ -742,13 +767,8 @@ impl Serving<'_> {
                         conn.queue_frame(frame);
                     })
                     .map_err(|_| End::SlowConsumer)?;
-                if let (Some(channel), true) = (marks, taken > 0 || !*marked) {
-                    // One mark per write, after its frames, never between them; the first
-                    // also after an empty replay, so the client knows where it starts.
-                    let mark = protocol::position_mark(&member.position(), channel);
-                    conn.queue_frame(&Frame::text(mark));
-                    *marked = true;
-                }
+                let _ = taken;
+                self.mark();
                 Ok(())
             }
             Mode::Peer => member

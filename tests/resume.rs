@@ -274,3 +274,35 @@ async fn a_plain_mles_v2_client_sees_no_marks_and_no_answers() {
     let modern = receive(&mut modern, 5).await;
     assert!(modern.marks >= 1);
 }
+
+#[tokio::test]
+async fn a_resuming_client_does_not_get_its_own_frames_back() {
+    let server = start().await;
+    let mut ws = connect(server.addr).await;
+    send_text(&mut ws, &resuming_join("talker", "own", None)).await;
+    let mut token = receive(&mut ws, 0).await.last_mark.unwrap();
+    for i in 0..3 {
+        send_text(&mut ws, &format!("mine {i}")).await;
+    }
+    // Marks move past its own frames.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = receive(&mut ws, 0).await;
+        if let Some(mark) = got.last_mark {
+            token = mark;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no mark after its own frames"
+        );
+    }
+    drop(ws);
+    publish(server.addr, "own", 0..2).await;
+    wait_for_frames(&server, "own", "m1").await;
+    let mut ws = connect(server.addr).await;
+    send_text(&mut ws, &resuming_join("talker", "own", Some(&token))).await;
+    let back = receive(&mut ws, 2).await;
+    assert_eq!(back.recovered, Some(true));
+    assert_eq!(back.data, frames(0..2), "only what others sent");
+}

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod http_client;
+pub mod nats_cluster;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

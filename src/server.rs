@@ -391,6 +391,7 @@ async fn links(
     let peer_counters = LinkCounters {
         up: metrics.peer_links_up.clone(),
         failures: metrics.peer_link_failures.clone(),
+        down: Default::default(),
     };
     let identity = Identity {
         server_id: config.server_id.clone(),

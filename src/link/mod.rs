@@ -101,6 +101,17 @@ pub trait Transport: Send + Sync + 'static {
     /// For logs: `peer ws://host/`, `NATS`.
     fn name(&self) -> &str;
 
+    /// For `/health`: `peer`, `nats`.
+    fn kind(&self) -> &'static str;
+
+    /// Whether the link's member stays in the channel between connections, so that what
+    /// local members sent while the link was down is sent when it is back (NATS, which
+    /// publishes only what it has not acknowledged); otherwise each connection joins
+    /// afresh and both sides replay their history to each other (peers).
+    fn keeps_member(&self) -> bool {
+        false
+    }
+
     /// Opens a link for `channel`.
     async fn connect(&self, channel: &str) -> Result<Box<dyn LinkConnection>, LinkError>;
 
@@ -161,6 +172,8 @@ pub trait LinkConnection: Send {
 pub struct LinkCounters {
     pub up: Gauge,
     pub failures: Counter,
+    /// Links that should be up and are not (failed, waiting to try again).
+    pub down: Gauge,
 }
 
 /// What links need of the server.
@@ -196,9 +209,13 @@ impl Links {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What `/health` should call degraded now, if anything.
+    /// What `/health` should call degraded now, if anything: a transport that is down, or
+    /// a link of it that failed and is trying again.
     pub fn degraded(&self) -> Option<&'static str> {
-        self.transports.iter().find_map(|(t, _)| t.degraded())
+        self.transports.iter().find_map(|(t, counters)| {
+            t.degraded()
+                .or_else(|| (counters.down.get() > 0).then(|| t.kind()))
+        })
     }
 
     /// Starts the links of `channel` that are not running.
@@ -247,6 +264,8 @@ impl Links {
         let (first, cap) = transport.backoff();
         let mut backoff = Backoff::new(first, cap);
         let since = Instant::now();
+        let mut member: Option<Member> = None;
+        let mut down = Down::new(&counters.down);
         loop {
             if shutdown.is_shutdown() || self.inactive(channel, since) {
                 return;
@@ -254,8 +273,9 @@ impl Links {
             match transport.connect(channel).await {
                 Ok(mut conn) => {
                     let started = Instant::now();
+                    down.set(false);
                     counters.up.inc();
-                    let result = self.serve(channel, &mut *conn, since).await;
+                    let result = self.serve(channel, &mut *conn, since, &mut member).await;
                     counters.up.dec();
                     match &result {
                         Ok(()) => debug!("{} link for channel {channel} closed", transport.name()),
@@ -266,12 +286,25 @@ impl Links {
                             warn!("{} link for channel {channel} down: {e}", transport.name())
                         }
                     }
+                    if result.is_err() {
+                        down.set(true);
+                    }
+                    if !transport.keeps_member()
+                        || matches!(result, Err(LinkError::Lagged | LinkError::Renewed))
+                    {
+                        member = None;
+                    }
+                    if let Some(member) = &member {
+                        // Not reading while down: publishers must not wait for it.
+                        member.set_blocked(true);
+                    }
                     if started.elapsed() > cap {
                         backoff.reset();
                     }
                 }
                 Err(e) => {
                     counters.failures.inc();
+                    down.set(true);
                     debug!("{} link for channel {channel}: {e}", transport.name());
                 }
             }
@@ -282,25 +315,32 @@ impl Links {
         }
     }
 
-    /// Joins the channel as the link's member and pumps until the link fails (`Err`) or the
-    /// channel is no longer used or the server stops (`Ok`).
+    /// Joins the channel as the link's member (or goes on with the one kept from the last
+    /// connection) and pumps until the link fails (`Err`) or the channel is no longer used
+    /// or the server stops (`Ok`).
     async fn serve(
         &self,
         channel: &str,
         conn: &mut dyn LinkConnection,
         since: Instant,
+        kept: &mut Option<Member>,
     ) -> Result<(), LinkError> {
         let hub = &self.context.hub;
-        hub.prepare(channel).await;
-        let mut member = hub.join(channel, &conn.member_name(), MemberKind::Peer, None)?;
-        if conn.takes_join_frames() {
-            member.take_join_frames();
+        if kept.is_none() {
+            hub.prepare(channel).await;
+            let mut member = hub.join(channel, &conn.member_name(), MemberKind::Peer, None)?;
+            if conn.takes_join_frames() {
+                member.take_join_frames();
+            }
+            *kept = Some(member);
         }
+        let member = kept.as_ref().expect("joined above");
+        member.set_blocked(false);
         conn.joined(member.id());
         info!("link {} for channel {channel} up", conn.member_name());
         let mut shutdown = self.context.shutdown.clone();
         let result = tokio::select! {
-            result = pump(conn, &member, hub, self.context.pause_limit) => result,
+            result = pump(conn, member, hub, self.context.pause_limit) => result,
             _ = shutdown.recv() => Ok(()),
             _ = self.wait_inactive(channel, since) => Ok(()),
         };
@@ -322,8 +362,38 @@ impl Links {
                 Ok::<(), LinkError>(())
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush).await;
+            *kept = None;
         }
         result
+    }
+}
+
+/// One link's share of its transport's `down` gauge, given back when the link ends.
+struct Down<'a> {
+    gauge: &'a Gauge,
+    down: bool,
+}
+
+impl<'a> Down<'a> {
+    fn new(gauge: &'a Gauge) -> Down<'a> {
+        Down { gauge, down: false }
+    }
+
+    fn set(&mut self, down: bool) {
+        if down != self.down {
+            self.down = down;
+            if down {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+        }
+    }
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 

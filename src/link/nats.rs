@@ -86,6 +86,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(4);
 
 /// Longest time a link may take to subscribe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a JetStream API request or publish acknowledgement may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a publish may wait for its acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames waiting to be published before the pump stops taking more.
@@ -249,7 +251,10 @@ impl NatsTransport {
             .connect(config.urls.clone())
             .await
             .map_err(|e| bad("connect", &e))?;
-        let js = async_nats::jetstream::new(client.clone());
+        let mut js = async_nats::jetstream::new(client.clone());
+        // A request to a node that just died must not hold a link for long: try again
+        // soon instead (the default waits 10 s per request during a failover).
+        js.set_timeout(REQUEST_TIMEOUT);
         let nats = Arc::new(NatsTransport {
             config,
             client,
@@ -375,6 +380,14 @@ async fn prepare_stream(nats: std::sync::Weak<NatsTransport>) {
 impl Transport for NatsTransport {
     fn name(&self) -> &str {
         "NATS"
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn keeps_member(&self) -> bool {
+        true
     }
 
     async fn connect(&self, channel: &str) -> Result<Box<dyn LinkConnection>, LinkError> {
@@ -587,6 +600,9 @@ impl LinkConnection for NatsConnection {
 
     fn joined(&mut self, member: MemberId) {
         let mut sent = self.state.sent();
+        if sent.link_members.contains(&member) {
+            return;
+        }
         sent.link_members.push_back(member);
         if sent.link_members.len() > LINK_MEMBERS_KEPT {
             sent.link_members.pop_front();

@@ -125,6 +125,10 @@ impl Transport for PeerTransport {
         &self.name
     }
 
+    fn kind(&self) -> &'static str {
+        "peer"
+    }
+
     async fn connect(&self, channel: &str) -> Result<Box<dyn LinkConnection>, LinkError> {
         let (conn, envelopes) = tokio::time::timeout(CONNECT_TIMEOUT, self.open(channel))
             .await

@@ -731,10 +731,18 @@ impl Channel {
                             key
                         }
                         None => {
+                            // Stored here already (while the stream was out of reach): it
+                            // learns its place in the cluster's order.
+                            if let Some(stream) = stream {
+                                let own = ring.entries.iter_mut().rev().find(|e| e.key == key);
+                                if let Some(entry) = own.filter(|e| e.stream.is_none()) {
+                                    entry.stream = Some(stream);
+                                }
+                            }
                             return Ok(Published {
                                 stored: false,
                                 pause: false,
-                            })
+                            });
                         }
                     }
                 }
@@ -1179,6 +1187,7 @@ impl Hub {
             n => ring.entries[before - n].seq,
         };
         let mut member_stream = 0;
+        let mut replay = VecDeque::new();
         // A member resuming starts right after the last frame it saw, if the channel still
         // holds everything since, within what a new member would be replayed.
         let limit = self.shared.config.history_limit;
@@ -1192,25 +1201,30 @@ impl Hub {
                 }
                 ok
             }
-            // A position in the cluster's stream: right after the frame it names, which
-            // has the same place in every server's history.
+            // A position in the cluster's stream: everything the stream put after it.
             Some(since) if since.stream && since.epoch == chan.stream_epoch() && since.next > 0 => {
                 let seen = since.next - 1;
-                let at = ring
+                let known = ring.entries.range(..before).any(|e| e.stream == Some(seen));
+                let after: Vec<&Entry> = ring
                     .entries
                     .range(..before)
-                    .rposition(|e| e.stream == Some(seen));
-                match at {
-                    Some(at) if before - (at + 1) <= limit => {
-                        cursor = ring.entries[at].seq + 1;
-                        member_stream = seen;
-                        true
-                    }
-                    _ => false,
+                    .filter(|e| e.stream.is_some_and(|s| s > seen))
+                    .collect();
+                let ok = known && after.len() <= limit;
+                if ok {
+                    replay = in_stream_order(after.into_iter(), usize::MAX);
+                    cursor = ring.next_seq;
+                    member_stream = seen;
                 }
+                ok
             }
             _ => false,
         };
+        if !recovered && kind == MemberKind::Client && chan.stream_epoch() != 0 {
+            // History in the stream's order, the same on every server of the cluster.
+            replay = in_stream_order(ring.entries.range(..before), history);
+            cursor = ring.next_seq;
+        }
         let member = Member {
             channel: chan.clone(),
             id,
@@ -1224,6 +1238,8 @@ impl Hub {
             notices,
             all_join_frames: false,
             last_stream: AtomicU64::new(member_stream),
+            replaying: AtomicBool::new(!replay.is_empty()),
+            replay: Mutex::new(replay),
             wake: Arc::new(WakeSlot::default()),
         };
         ring.cursors.push((id, member.progress.clone()));
@@ -1334,6 +1350,32 @@ struct Progress {
     blocked: AtomicBool,
 }
 
+/// The last `keep` of `entries` (oldest first) in the order of the cluster's stream: by
+/// stream sequence, an entry without one (a local join frame, or a frame stored while the
+/// stream was out of reach and not yet back from it) staying right after the entry it
+/// followed here. After a failover the order frames arrived here in can differ from the
+/// stream's; sorting by it gives joiners the same history on every server.
+fn in_stream_order<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    keep: usize,
+) -> VecDeque<(Frame, Option<u64>)> {
+    let mut last = 0;
+    let mut keyed: Vec<(u64, &Entry)> = entries
+        .map(|e| {
+            last = e.stream.unwrap_or(last);
+            (last, e)
+        })
+        .collect();
+    // Stable, and linear when the entries are in order already (the usual case).
+    keyed.sort_by_key(|(stream, _)| *stream);
+    let skip = keyed.len().saturating_sub(keep);
+    keyed
+        .into_iter()
+        .skip(skip)
+        .map(|(_, e)| (e.frame.clone(), e.stream))
+        .collect()
+}
+
 /// One connection's membership of one channel. Dropping it leaves the channel.
 pub struct Member {
     channel: Arc<Channel>,
@@ -1351,6 +1393,11 @@ pub struct Member {
     all_join_frames: bool,
     /// The stream sequence of the last frame from the cluster's stream it went past.
     last_stream: AtomicU64,
+    /// In a channel the cluster's stream orders: the history to replay first, in the
+    /// stream's order (which can differ from the order frames arrived here after a
+    /// failover), so joiners get the same history on every server.
+    replay: Mutex<VecDeque<(Frame, Option<u64>)>>,
+    replaying: AtomicBool,
     wake: Arc<WakeSlot>,
 }
 
@@ -1434,6 +1481,7 @@ impl Member {
     /// True when frames past this member's cursor are waiting.
     pub fn has_pending(&self) -> bool {
         self.channel.head.load(Ordering::Acquire) > self.progress.cursor.load(Ordering::Relaxed)
+            || self.replaying.load(Ordering::Acquire)
             || self
                 .notices
                 .as_ref()
@@ -1533,6 +1581,27 @@ impl Member {
     ) -> Result<usize, Lagged> {
         if let Some(notices) = &self.notices {
             notices.drain(&mut take);
+        }
+        if self.replaying.load(Ordering::Acquire) {
+            let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            let mut taken = 0;
+            while taken < max_frames {
+                let Some((frame, stream)) = replay.pop_front() else {
+                    break;
+                };
+                take(&frame);
+                if let Some(stream) = stream {
+                    self.last_stream.store(stream, Ordering::Relaxed);
+                }
+                taken += 1;
+            }
+            if !replay.is_empty() {
+                return Ok(taken);
+            }
+            self.replaying.store(false, Ordering::Release);
+            *replay = VecDeque::new();
+            drop(replay);
+            return Ok(taken + self.fetch_with(max_frames, max_bytes, |entry| take(&entry.frame))?);
         }
         self.fetch_with(max_frames, max_bytes, |entry| take(&entry.frame))
     }

@@ -10,6 +10,7 @@
 
 mod common;
 use common::nats_cluster::NatsCluster;
+use common::resume::*;
 use common::*;
 
 use std::collections::{HashMap, HashSet};
@@ -250,6 +251,56 @@ async fn the_first_joiner_on_another_server_gets_the_cluster_history_in_order() 
         "{history:?}"
     );
     assert_eq!(history.last().map(String::as_str), Some("a review"));
+}
+
+/// Joins `channel` on `addr` as `uid`, sends `texts` and leaves once the last is in the
+/// cluster's stream.
+async fn publish_all(nats: &NatsCluster, addr: SocketAddr, channel: &str, texts: &[String]) {
+    let mut publisher = join(addr, "publisher", channel).await;
+    for text in texts {
+        send_text(&mut publisher, text).await;
+    }
+    if let Some(last) = texts.last() {
+        wait_in_stream(nats, channel, last).await;
+    }
+}
+
+fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_server_of_the_cluster_with_exactly_what_it_missed() {
+    let nats = NatsCluster::start(NODES).await;
+    let a = mles_server("a", &nats, 50).await;
+    let b = mles_server("b", &nats, 50).await;
+    publish_all(&nats, a.addr, "relay", &numbered(0..10)).await;
+
+    let mut reader = connect(a.addr).await;
+    send_text(&mut reader, &resuming_join("reader", "relay", None)).await;
+    let first = receive(&mut reader, 10).await;
+    assert_eq!(first.data, numbered(0..10));
+    let token = first.last_mark.expect("a position mark after the history");
+    drop(reader);
+
+    // Away while 7 frames go by, published on a; back on b, which has not seen the
+    // channel before: the position is the stream's, so b knows where it is.
+    publish_all(&nats, a.addr, "relay", &numbered(10..17)).await;
+    let mut reader = connect(b.addr).await;
+    send_text(&mut reader, &resuming_join("reader", "relay", Some(&token))).await;
+    let back = receive(&mut reader, 7).await;
+    assert_eq!(back.recovered, Some(true), "{back:?}");
+    assert_eq!(back.data, numbered(10..17), "exactly the missed frames");
+    let token = back.last_mark.expect("a mark after the recovered frames");
+    drop(reader);
+
+    // And back to a, after frames published on b: still exactly the missed ones.
+    publish_all(&nats, b.addr, "relay", &numbered(17..20)).await;
+    let mut reader = connect(a.addr).await;
+    send_text(&mut reader, &resuming_join("reader", "relay", Some(&token))).await;
+    let again = receive(&mut reader, 3).await;
+    assert_eq!(again.recovered, Some(true), "{again:?}");
+    assert_eq!(again.data, numbered(17..20));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -455,14 +455,8 @@ pub async fn pump(
                 });
             }
         }
-        if let Some(ordering) = &ordering {
-            if conn.ready_to_send() {
-                ordering.sequencer.take(&mut batch);
-                if !batch.is_empty() {
-                    conn.send(&mut batch)?;
-                }
-            }
-        }
+        // The channel's frames first: what it stored before a client's frames reached the
+        // sequencer (that client's join frame, say) goes before them into the stream.
         while conn.ready_to_send() && member.has_pending() {
             member
                 .fetch_entries(&mut batch, FETCH_FRAMES, FETCH_BYTES)
@@ -471,6 +465,14 @@ pub async fn pump(
                 break;
             }
             conn.send(&mut batch)?;
+        }
+        if let Some(ordering) = &ordering {
+            if conn.ready_to_send() && !member.has_pending() {
+                ordering.sequencer.take(&mut batch);
+                if !batch.is_empty() {
+                    conn.send(&mut batch)?;
+                }
+            }
         }
         let waiting = async {
             match &ordering {

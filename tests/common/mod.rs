@@ -6,6 +6,7 @@
 
 pub mod http_client;
 pub mod nats_cluster;
+pub mod resume;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -192,6 +192,9 @@ pub struct Conn {
     start: usize,
     end: usize,
     pub mask: [u8; 4],
+    /// Bytes read from the socket so far, the upgrade response included (what the server
+    /// sent that reached this client, less what was still unread when it left).
+    pub bytes_read: u64,
 }
 
 impl Conn {
@@ -214,8 +217,20 @@ impl Conn {
         channel: &str,
         buf_size: usize,
     ) -> io::Result<Conn> {
-        let mut conn = Conn::connect_raw_with(target, opts).await?;
         let join = format!(r#"{{"uid":"{uid}","channel":"{channel}"}}"#);
+        Conn::connect_join(target, opts, uid, &join, buf_size).await
+    }
+
+    /// [`Conn::connect_with`] with a join frame of the caller's (extra fields such as the
+    /// resume extension's `positions` and `since`); `uid` only picks the mask.
+    pub async fn connect_join(
+        target: &Target,
+        opts: SocketOpts,
+        uid: &str,
+        join: &str,
+        buf_size: usize,
+    ) -> io::Result<Conn> {
+        let mut conn = Conn::connect_raw_with(target, opts).await?;
         let mut out = Vec::with_capacity(join.len() + 16);
         conn.mask = mask_for(uid);
         encode_frame(&mut out, OP_TEXT, join.as_bytes(), conn.mask);
@@ -241,6 +256,7 @@ impl Conn {
             start: 0,
             end: 0,
             mask: [0x5a, 0x3c, 0x96, 0x71],
+            bytes_read: 0,
         };
         loop {
             if let Some(pos) = find(&conn.buf[..conn.end], b"\r\n\r\n") {
@@ -262,6 +278,7 @@ impl Conn {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             conn.end += n;
+            conn.bytes_read += n as u64;
         }
         Ok(conn)
     }
@@ -288,6 +305,7 @@ impl Conn {
         }
         let n = self.io.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        self.bytes_read += n as u64;
         Ok(n)
     }
 

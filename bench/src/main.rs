@@ -7,14 +7,17 @@
 //! latency percentiles from a send timestamp in each payload, an exactly-once-in-order
 //! check, server CPU per delivery, memory per connection, and mles's ratio to the better
 //! relay. Overload scenarios (`overload.rs`) and scale scenarios (`scale.rs`, with worker
-//! processes: `mles-bench worker`) print tables of their own; `mles-bench soak` runs a
-//! mixed load for minutes and watches the server's memory (`soak.rs`).
+//! processes: `mles-bench worker`) print tables of their own; `reconnect-resume`
+//! (`reconnect.rs`, run by name only) measures what the resume extension saves a client
+//! that reconnects often; `mles-bench soak` runs a mixed load for minutes and watches the
+//! server's memory (`soak.rs`).
 //!
 //! ```text
 //! cargo build --release --workspace
 //! target/release/mles-bench --repeat 3      # issue 13's scenarios
 //! target/release/mles-bench --list
 //! target/release/mles-bench fanout-100 --repeat 5
+//! target/release/mles-bench reconnect-resume --reconnect-every 2
 //! target/release/mles-bench soak --minutes 10
 //! ```
 
@@ -23,6 +26,7 @@ mod cluster;
 mod overload;
 mod procs;
 mod reader;
+mod reconnect;
 mod relay;
 mod scale;
 mod scenario;
@@ -121,6 +125,17 @@ struct RunArgs {
     /// The process id of --server, for its CPU time and memory.
     #[arg(long, value_name = "PID", requires = "server")]
     server_pid: Option<u32>,
+    /// reconnect-resume: seconds from one join of the reconnecting client to its next.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    reconnect_every: f64,
+    /// reconnect-resume: seconds the reconnecting client stays away each time (less than
+    /// --reconnect-every).
+    #[arg(long, default_value_t = 0.5, value_name = "SECS")]
+    offline: f64,
+    /// reconnect-resume: seconds the channel is published to after the client first joins
+    /// (default 30, 8 with --quick).
+    #[arg(long, value_name = "SECS")]
+    run_seconds: Option<f64>,
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
@@ -183,6 +198,11 @@ struct Measured {
 }
 
 fn run_main(args: RunArgs) -> ExitCode {
+    let timing = reconnect::Timing {
+        every: args.reconnect_every,
+        offline: args.offline,
+        run: args.run_seconds,
+    };
     if args.list {
         for name in scenario::NAMES {
             for spec in scenario::specs(name, args.quick).unwrap_or_default() {
@@ -199,6 +219,13 @@ fn run_main(args: RunArgs) -> ExitCode {
                 println!("{:<22} {}", spec.label, spec.describe());
             }
         }
+        for name in reconnect::NAMES {
+            if let Some(Ok(specs)) = reconnect::specs(name, args.quick, timing) {
+                for spec in specs {
+                    println!("{:<22} {}", spec.label, spec.describe());
+                }
+            }
+        }
         println!("(default: {})", default_names().join(" "));
         return ExitCode::SUCCESS;
     }
@@ -210,7 +237,19 @@ fn run_main(args: RunArgs) -> ExitCode {
     let mut specs = Vec::new();
     let mut overload_specs = Vec::new();
     let mut scale_specs = Vec::new();
+    let mut reconnect_specs = Vec::new();
     for name in &names {
+        match reconnect::specs(name, args.quick, timing) {
+            Some(Ok(s)) => {
+                reconnect_specs.extend(s);
+                continue;
+            }
+            Some(Err(e)) => {
+                eprintln!("mles-bench: {e}");
+                return ExitCode::from(2);
+            }
+            None => {}
+        }
         if let Some(s) = overload::specs(name, args.quick) {
             overload_specs.extend(s);
             continue;
@@ -236,10 +275,11 @@ fn run_main(args: RunArgs) -> ExitCode {
             })),
             None => {
                 eprintln!(
-                    "mles-bench: no scenario '{name}'; there are: {}, {}, {}",
+                    "mles-bench: no scenario '{name}'; there are: {}, {}, {}, {}",
                     scenario::NAMES.join(", "),
                     overload::NAMES.join(", "),
-                    scale::NAMES.join(", ")
+                    scale::NAMES.join(", "),
+                    reconnect::NAMES.join(", ")
                 );
                 return ExitCode::from(2);
             }
@@ -280,6 +320,7 @@ fn run_main(args: RunArgs) -> ExitCode {
         .iter()
         .map(Spec::connections)
         .chain(overload_specs.iter().map(overload::Spec::connections))
+        .chain(reconnect_specs.iter().map(reconnect::Spec::connections))
         .max()
         .unwrap_or(0) as u64;
     if nofile > 0 && nofile < most + 256 {
@@ -343,6 +384,18 @@ fn run_main(args: RunArgs) -> ExitCode {
     }
     if !scale_specs.is_empty() && own.contains(&Kind::Mles) {
         all_pass &= rt.block_on(scale::measure_and_print(&scale_specs, &launch, args.repeat));
+    }
+    if !reconnect_specs.is_empty() {
+        if own.contains(&Kind::Mles) {
+            all_pass &= rt.block_on(reconnect::measure_and_print(
+                &reconnect_specs,
+                &launch,
+                args.repeat,
+            ));
+        } else {
+            eprintln!("mles-bench: reconnect-resume runs only against an mles it starts");
+            all_pass = false;
+        }
     }
     let _ = std::fs::remove_dir_all(&launch.workdir);
     if all_pass {

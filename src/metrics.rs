@@ -36,6 +36,12 @@ pub struct Metrics {
     pub nats_publish_failures: Counter,
     pub nats_lagged: Counter,
     pub nats_consumer_lost: Counter,
+    /// NATS links reading the stream with direct gets while their lost consumer is rebuilt.
+    pub nats_direct_reads: Gauge,
+    /// NATS links that should be up and are not (failed, trying again).
+    pub nats_links_down: Gauge,
+    /// Peer links that should be up and are not (failed, trying again).
+    pub peer_links_down: Gauge,
     pub peer_links_up: Gauge,
     pub peer_link_failures: Counter,
     pub history_persist_dropped: Counter,
@@ -79,6 +85,9 @@ impl Metrics {
             nats_publish_failures: Counter::default(),
             nats_lagged: Counter::default(),
             nats_consumer_lost: Counter::default(),
+            nats_direct_reads: Gauge::default(),
+            nats_links_down: Gauge::default(),
+            peer_links_down: Gauge::default(),
             peer_links_up: Gauge::default(),
             peer_link_failures: Counter::default(),
             history_persist_dropped: Counter::default(),
@@ -196,6 +205,21 @@ impl Metrics {
             "nats_consumer_lost",
             "Times a NATS link's consumer stopped delivering (its node lost) and was rebuilt",
             m.nats_consumer_lost.clone(),
+        );
+        r.register(
+            "nats_direct_reads",
+            "NATS links reading the stream directly while their lost consumer is rebuilt",
+            m.nats_direct_reads.clone(),
+        );
+        r.register(
+            "nats_links_down",
+            "NATS links that should be up and are not (failed, trying again)",
+            m.nats_links_down.clone(),
+        );
+        r.register(
+            "peer_links_down",
+            "Peer links that should be up and are not (failed, trying again)",
+            m.peer_links_down.clone(),
         );
         r.register(
             "peer_links_up",

@@ -391,7 +391,7 @@ async fn links(
     let peer_counters = LinkCounters {
         up: metrics.peer_links_up.clone(),
         failures: metrics.peer_link_failures.clone(),
-        down: Default::default(),
+        down: metrics.peer_links_down.clone(),
     };
     let identity = Identity {
         server_id: config.server_id.clone(),
@@ -419,7 +419,11 @@ async fn links(
             budget.clone(),
         )
         .await?;
-        transports.push((transport, LinkCounters::default()));
+        let nats_counters = LinkCounters {
+            down: metrics.nats_links_down.clone(),
+            ..LinkCounters::default()
+        };
+        transports.push((transport, nats_counters));
     }
     if transports.is_empty() {
         return Ok(None);

@@ -7,8 +7,8 @@
 //! has a writer task that takes everything pending for it (up to [`FETCH_BATCH`] frames per
 //! take), `feed`s it into tungstenite's write buffer and flushes once, so one write syscall
 //! carries every frame that arrived while the previous write was in flight. The socket
-//! settings are mles's (src/session.rs): a [`READ_BUFFER`] read buffer, a [`WRITE_BUFFER`]
-//! write buffer, TCP_NODELAY, a multi-threaded runtime, optional TLS with a self-signed
+//! settings are mles's: reads of up to [`READ_BUFFER`] bytes (src/connection.rs), writes
+//! of up to [`WRITE_BUFFER`] bytes (src/session.rs), TCP_NODELAY, a multi-threaded runtime, optional TLS with a self-signed
 //! certificate via tokio-rustls and the ring provider.
 //!
 //! The two designs ([`Design`]):
@@ -43,12 +43,14 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// mles's FETCH_BATCH (src/session.rs): frames a writer takes per take.
+/// mles's FETCH_FRAMES (src/session.rs): frames a writer takes per take.
 pub const FETCH_BATCH: usize = 256;
-/// mles's WRITE_BUFFER (src/session.rs).
+/// mles's FETCH_BYTES (src/session.rs): bytes a writer takes per take, written at once.
 pub const WRITE_BUFFER: usize = 64 * 1024;
-/// mles's READ_BUFFER (src/session.rs).
-pub const READ_BUFFER: usize = 2 * 1024;
+/// mles's SCRATCH (src/connection.rs): bytes read from a socket per read. (mles shares
+/// one such buffer per worker thread; tungstenite keeps one per connection, which costs
+/// the relays memory, not speed.)
+pub const READ_BUFFER: usize = 32 * 1024;
 /// mles's default --max-message-size.
 const MAX_MESSAGE: usize = 2 * 1024 * 1024;
 /// Frames a member may fall behind before it is closed: mles's default ring
@@ -429,6 +431,7 @@ mod tests {
     fn mles_const(source: &str, name: &str) -> Option<usize> {
         let line = source.lines().find(|l| {
             l.trim_start()
+                .trim_start_matches("pub ")
                 .starts_with(&format!("const {name}: usize ="))
         })?;
         let expr = line.split('=').nth(1)?.trim().trim_end_matches(';');
@@ -437,21 +440,21 @@ mod tests {
             .product()
     }
 
-    /// The relays are only a fair ceiling while they use mles's buffer sizes: when
-    /// src/session.rs changes them (or renames them), this fails until relay.rs follows.
+    /// The relays are only a fair ceiling while they use mles's buffer sizes: when mles
+    /// changes them (or renames them), this fails until relay.rs follows.
     #[test]
     fn relay_buffers_are_mles_buffers() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../src/session.rs");
-        let source = std::fs::read_to_string(path).expect("mles's src/session.rs");
-        for (name, ours) in [
-            ("READ_BUFFER", super::READ_BUFFER),
-            ("WRITE_BUFFER", super::WRITE_BUFFER),
-            ("FETCH_BATCH", super::FETCH_BATCH),
+        for (file, name, ours) in [
+            ("connection.rs", "SCRATCH", super::READ_BUFFER),
+            ("session.rs", "FETCH_BYTES", super::WRITE_BUFFER),
+            ("session.rs", "FETCH_FRAMES", super::FETCH_BATCH),
         ] {
+            let path = format!("{}/../src/{file}", env!("CARGO_MANIFEST_DIR"));
+            let source = std::fs::read_to_string(&path).expect("mles's source");
             assert_eq!(
                 mles_const(&source, name),
                 Some(ours),
-                "{name} in src/session.rs differs from the relay's (bench/src/relay.rs)"
+                "{name} in src/{file} differs from the relay's (bench/src/relay.rs)"
             );
         }
     }

@@ -29,10 +29,13 @@
 //! answers `200 DEGRADED: nats` meanwhile. A link starts over whenever the connection
 //! comes back (the server it reached may have lost the consumer), when a publish is not
 //! acknowledged, when its reader fell so far behind that the stream may have discarded
-//! frames it never read (`mles_nats_lagged_total`), and when its consumer stops
-//! delivering while the subject has moved on: a consumer whose node died is found within
-//! [`STALL_CHECK`] plus a request, logged, counted (`mles_nats_consumer_lost_total`), and
-//! rebuilt. Starting over re-reads the subject from the start (frames already here are
+//! frames it never read (`mles_nats_lagged_total`). A consumer that stops delivering while
+//! the subject has moved on (its node died) is found within [`STALL_CHECK`] plus a
+//! request, logged and counted (`mles_nats_consumer_lost_total`); the link does not start
+//! over for it: it reads on from where the consumer stopped with direct gets, which any
+//! replica of the stream answers (`mles_nats_direct_reads`, `/health` degraded
+//! meanwhile), while a new consumer is made from there; JetStream cannot place one until
+//! its meta leader answers, which after losing that node takes seconds. Starting over re-reads the subject from the start (frames already here are
 //! dropped by their key) and publishes, in order, every frame of the channel's local
 //! history that JetStream has not acknowledged.
 
@@ -45,8 +48,10 @@ use async_nats::connection::State;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, DiscardPolicy, LastRawMessageErrorKind, StorageType};
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream::{
+    self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType,
+};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -54,6 +59,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use log::{debug, info, warn};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::{LinkConnection, LinkError, Received, Transport};
@@ -83,6 +89,10 @@ pub const STALL_CHECK: Duration = Duration::from_secs(2);
 /// The longest a consumer's pull request waits; its idle heartbeat is half of it, so a
 /// consumer whose node died is also noticed by the client within about twice this.
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
+/// While a lost consumer is rebuilt: how long a link reading the stream directly waits
+/// before asking again when the subject had nothing new, and after a failed request.
+const DIRECT_POLL: Duration = Duration::from_millis(50);
+const DIRECT_RETRY: Duration = Duration::from_millis(500);
 
 /// Longest time a link may take to subscribe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -183,6 +193,8 @@ pub struct NatsTransport {
     channels: Mutex<HashMap<Arc<str>, Arc<ChannelState>>>,
     /// Messages the stream keeps per channel.
     per_subject: i64,
+    /// When a link of this server last found its consumer lost.
+    consumer_lost_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl NatsTransport {
@@ -264,6 +276,7 @@ impl NatsTransport {
             connections,
             stream: tokio::sync::Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            consumer_lost_at: Arc::new(Mutex::new(None)),
             per_subject: per_subject as i64,
         });
         tokio::spawn(prepare_stream(Arc::downgrade(&nats)));
@@ -306,6 +319,9 @@ impl NatsTransport {
             storage: StorageType::File,
             num_replicas: self.config.replicas,
             duplicate_window: Duration::from_secs(120),
+            // Any replica answers direct gets: a link whose consumer was lost reads through
+            // them while JetStream places a new one (which needs its meta leader).
+            allow_direct: true,
             ..Default::default()
         };
         self.js
@@ -329,20 +345,101 @@ impl NatsTransport {
     async fn subscribe(&self, subject: &str) -> Result<(stream::Stream, u64, Ordered), LinkError> {
         let stream = self.stream().await?;
         let last = last_sequence(&stream, subject).await?;
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject: subject.to_string(),
-                deliver_policy: DeliverPolicy::All,
-                max_expires: PULL_EXPIRES,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| LinkError::Nats(format!("creating the consumer: {e}")))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| LinkError::Nats(format!("consuming: {e}")))?;
+        let messages = consume(stream.clone(), subject.to_string(), DeliverPolicy::All).await?;
         Ok((stream, last, messages))
+    }
+}
+
+/// An ordered consumer of `subject` in `stream`, from `from` on.
+async fn consume(
+    stream: stream::Stream,
+    subject: String,
+    from: DeliverPolicy,
+) -> Result<Ordered, LinkError> {
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: from,
+            max_expires: PULL_EXPIRES,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| LinkError::Nats(format!("creating the consumer: {e}")))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| LinkError::Nats(format!("consuming: {e}")))
+}
+
+/// The first message of `subject` in `stream` at or after `sequence`, read with a direct
+/// get (answered by any replica) after waiting `after`; `None` when there is none yet.
+fn direct_get(
+    stream: stream::Stream,
+    subject: String,
+    sequence: u64,
+    after: Duration,
+) -> BoxFuture<'static, Result<Option<StreamMessage>, LinkError>> {
+    Box::pin(async move {
+        tokio::time::sleep(after).await;
+        match stream
+            .direct_get_next_for_subject(subject, Some(sequence))
+            .await
+        {
+            Ok(message) => Ok(Some(message)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LinkError::Nats(format!("reading the stream directly: {e}"))),
+        }
+    })
+}
+
+/// A link whose consumer was lost: it reads the subject with direct gets, in stream
+/// order, while a new consumer starting where it stood is made.
+struct DirectRead {
+    /// The next stream sequence to ask for.
+    next: u64,
+    /// The get on its way (after a pause when the subject had nothing new).
+    fetch: BoxFuture<'static, Result<Option<StreamMessage>, LinkError>>,
+    /// The new consumer.
+    rebuild: BoxFuture<'static, Result<Ordered, LinkError>>,
+    /// Since when direct gets have been failing, if they are.
+    failing_since: Option<Instant>,
+    /// Counts this link in `mles_nats_direct_reads` while it reads directly.
+    _counted: DirectReadCounted,
+}
+
+impl DirectRead {
+    /// Reads `subject` from stream sequence `next` while a consumer from `from` is made.
+    fn new(
+        stream: &stream::Stream,
+        subject: &str,
+        next: u64,
+        from: DeliverPolicy,
+        counted: DirectReadCounted,
+    ) -> Self {
+        DirectRead {
+            next,
+            fetch: direct_get(stream.clone(), subject.to_string(), next, Duration::ZERO),
+            rebuild: Box::pin(consume(stream.clone(), subject.to_string(), from)),
+            failing_since: None,
+            _counted: counted,
+        }
+    }
+}
+
+/// Holds one count of `mles_nats_direct_reads` (so `/health` says degraded) and gives it
+/// back when dropped, however the direct read ends.
+struct DirectReadCounted(Gauge);
+
+impl DirectReadCounted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        DirectReadCounted(gauge.clone())
+    }
+}
+
+impl Drop for DirectReadCounted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -424,7 +521,8 @@ impl Transport for NatsTransport {
             stream,
             subject,
             state,
-            messages,
+            messages: Some(messages),
+            direct: None,
             last,
             delivered: 0,
             first: true,
@@ -437,6 +535,7 @@ impl Transport for NatsTransport {
             metrics: self.metrics.clone(),
             budget: self.budget.clone(),
             channel: channel.to_string(),
+            consumer_lost_at: self.consumer_lost_at.clone(),
         }))
     }
 
@@ -455,7 +554,17 @@ impl Transport for NatsTransport {
     }
 
     fn degraded(&self) -> Option<&'static str> {
-        (self.metrics.nats_connected.get() == 0).then_some("nats")
+        // A lost consumer went unnoticed for up to STALL_CHECK, and a new one is often
+        // placed within milliseconds: degraded for at least that long, so a health check
+        // polled every second or two sees it.
+        let lost_lately = self
+            .consumer_lost_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < STALL_CHECK);
+        let reading_directly = self.metrics.nats_direct_reads.get() > 0;
+        let down = self.metrics.nats_connected.get() == 0;
+        (down || reading_directly || lost_lately).then_some("nats")
     }
 
     fn backoff(&self) -> (Duration, Duration) {
@@ -475,7 +584,10 @@ struct NatsConnection {
     stream: stream::Stream,
     subject: String,
     state: Arc<ChannelState>,
-    messages: Ordered,
+    /// The consumer, once made (reading directly meanwhile).
+    messages: Option<Ordered>,
+    /// Reading without a consumer, while a lost one is rebuilt.
+    direct: Option<DirectRead>,
     /// Where the subject ended at subscribe time: caught up once read this far.
     last: u64,
     /// The stream sequence of the last message received.
@@ -492,6 +604,8 @@ struct NatsConnection {
     metrics: Arc<Metrics>,
     budget: Arc<Budget>,
     channel: String,
+    /// Shared with the transport, for `/health`.
+    consumer_lost_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl NatsConnection {
@@ -543,6 +657,89 @@ impl NatsConnection {
         }));
     }
 
+    /// Stops waiting for the lost consumer: reads on with direct gets from where it
+    /// stopped, and has a new consumer made from there.
+    fn read_directly(&mut self) {
+        let next = self.delivered + 1;
+        let from = DeliverPolicy::ByStartSequence {
+            start_sequence: next,
+        };
+        let counted = DirectReadCounted::new(&self.metrics.nats_direct_reads);
+        self.direct = Some(DirectRead::new(
+            &self.stream,
+            &self.subject,
+            next,
+            from,
+            counted,
+        ));
+    }
+
+    /// Handles the answer to a direct get: a frame, or the next get.
+    fn received_directly(
+        &mut self,
+        got: Result<Option<StreamMessage>, LinkError>,
+    ) -> Result<Option<Received>, LinkError> {
+        let Some(direct) = self.direct.as_mut() else {
+            return Ok(None);
+        };
+        let (stream, subject) = (self.stream.clone(), self.subject.clone());
+        let message = match got {
+            Ok(message) => {
+                direct.failing_since = None;
+                message
+            }
+            Err(e) => {
+                // Bounded like the consumer's rebuild: the link starts over after a while.
+                let since = *direct.failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > SETUP_TIMEOUT {
+                    return Err(e);
+                }
+                direct.fetch = direct_get(stream, subject, direct.next, DIRECT_RETRY);
+                return Ok(None);
+            }
+        };
+        let Some(message) = message else {
+            // Nothing new: read to the end.
+            self.state
+                .caught_up
+                .send_if_modified(|c| !std::mem::replace(c, true));
+            direct.fetch = direct_get(stream, subject, direct.next, DIRECT_POLL);
+            return Ok(None);
+        };
+        direct.next = message.sequence + 1;
+        direct.fetch = direct_get(stream, subject, direct.next, Duration::ZERO);
+        if message.sequence <= self.delivered {
+            return Ok(None);
+        }
+        self.delivered = message.sequence;
+        self.quiet_since = Instant::now();
+        Ok(self.relayed(message.sequence, &Some(message.headers), &message.payload))
+    }
+
+    /// The frame of the NATS message at stream `sequence`, to relay into the channel.
+    fn relayed(
+        &self,
+        sequence: u64,
+        headers: &Option<HeaderMap>,
+        payload: &Bytes,
+    ) -> Option<Received> {
+        match decode(headers, payload) {
+            Some((key, live, frame)) => Some(Received {
+                key: Some(key),
+                live,
+                frame: charge_frame(&self.budget, frame),
+                stream: Some(sequence),
+            }),
+            None => {
+                debug!(
+                    "skipping a message on {} without Mles headers",
+                    self.subject
+                );
+                None
+            }
+        }
+    }
+
     /// Handles one message of the consumer.
     fn receive(
         &mut self,
@@ -552,6 +749,10 @@ impl NatsConnection {
             .info()
             .map_err(|e| LinkError::Nats(format!("message without JetStream info: {e}")))?;
         let (sequence, pending) = (info.stream_sequence, info.pending);
+        // A consumer made after direct reads starts where they did: skip what they relayed.
+        if sequence <= self.delivered {
+            return Ok(None);
+        }
         // With the subject's whole capacity undelivered, the stream may have discarded
         // frames this link never read since the previous one.
         if !std::mem::take(&mut self.first) && pending + 1 >= self.capacity {
@@ -565,21 +766,7 @@ impl NatsConnection {
                 .caught_up
                 .send_if_modified(|c| !std::mem::replace(c, true));
         }
-        match decode(&message.headers, &message.payload) {
-            Some((key, live, frame)) => Ok(Some(Received {
-                key: Some(key),
-                live,
-                frame: charge_frame(&self.budget, frame),
-                stream: Some(sequence),
-            })),
-            None => {
-                debug!(
-                    "skipping a message on {} without Mles headers",
-                    self.subject
-                );
-                Ok(None)
-            }
-        }
+        Ok(self.relayed(sequence, &message.headers, &message.payload))
     }
 }
 
@@ -629,6 +816,8 @@ impl LinkConnection for NatsConnection {
             Reconnected,
             Published(Result<Vec<MsgKey>, LinkError>),
             Message(Option<Result<Box<async_nats::jetstream::Message>, String>>),
+            Direct(Result<Option<StreamMessage>, LinkError>),
+            Rebuilt(Result<Box<Ordered>, LinkError>),
             Checked(Result<u64, LinkError>),
             Quiet,
         }
@@ -639,22 +828,34 @@ impl LinkConnection for NatsConnection {
                 reconnected,
                 publishing,
                 messages,
+                direct,
                 check,
                 ..
             } = self;
+            let consuming = direct.is_none();
+            let (rebuild, fetch) = match direct.as_mut() {
+                Some(d) => (Some(&mut d.rebuild), Some(&mut d.fetch)),
+                None => (None, None),
+            };
             let woke = tokio::select! {
                 biased;
                 _ = reconnected.changed() => Woke::Reconnected,
                 published = async { publishing.as_mut().expect("guarded").await }, if publishing.is_some() => {
                     Woke::Published(published)
                 }
-                message = messages.next() => {
+                message = async { messages.as_mut().expect("guarded").next().await }, if consuming => {
                     Woke::Message(message.map(|m| m.map(Box::new).map_err(|e| e.to_string())))
+                }
+                rebuilt = async { rebuild.expect("guarded").await }, if !consuming => {
+                    Woke::Rebuilt(rebuilt.map(Box::new))
+                }
+                got = async { fetch.expect("guarded").await }, if !consuming => {
+                    Woke::Direct(got)
                 }
                 ended = async { check.as_mut().expect("guarded").await }, if check.is_some() => {
                     Woke::Checked(ended)
                 }
-                _ = tokio::time::sleep_until(check_at), if check.is_none() => Woke::Quiet,
+                _ = tokio::time::sleep_until(check_at), if check.is_none() && consuming => Woke::Quiet,
             };
             match woke {
                 Woke::Reconnected => return Err(LinkError::Reconnected),
@@ -680,10 +881,48 @@ impl LinkConnection for NatsConnection {
                 Woke::Checked(ended) => {
                     self.check = None;
                     self.quiet_since = Instant::now();
-                    if ended? > self.delivered {
+                    if ended? > self.delivered && self.direct.is_none() {
                         // The subject moved on and this consumer delivered none of it.
                         self.metrics.nats_consumer_lost.inc();
-                        return Err(LinkError::ConsumerLost);
+                        *self
+                            .consumer_lost_at
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                        warn!(
+                            "NATS link for channel {}: {}; reading the stream directly meanwhile",
+                            self.channel,
+                            LinkError::ConsumerLost
+                        );
+                        self.read_directly();
+                    }
+                }
+                Woke::Direct(got) => {
+                    if let Some(received) = self.received_directly(got)? {
+                        return Ok(received);
+                    }
+                }
+                Woke::Rebuilt(Ok(messages)) => {
+                    info!(
+                        "NATS link for channel {}: a new consumer delivers from stream sequence {}",
+                        self.channel,
+                        self.delivered + 1
+                    );
+                    self.messages = Some(*messages);
+                    self.direct = None;
+                    self.first = true;
+                    self.quiet_since = Instant::now();
+                }
+                Woke::Rebuilt(Err(e)) => {
+                    debug!("NATS link for channel {}: {e}", self.channel);
+                    if let Some(direct) = self.direct.as_mut() {
+                        let (stream, subject) = (self.stream.clone(), self.subject.clone());
+                        let from = DeliverPolicy::ByStartSequence {
+                            start_sequence: self.delivered + 1,
+                        };
+                        direct.rebuild = Box::pin(async move {
+                            tokio::time::sleep(DIRECT_RETRY).await;
+                            consume(stream, subject, from).await
+                        });
                     }
                 }
                 Woke::Quiet => {

@@ -28,16 +28,17 @@
 //! (`mles_nats_connected`, `mles_nats_disconnects`, `mles_nats_reconnects`), and `/health`
 //! answers `200 DEGRADED: nats` meanwhile. A link starts over whenever the connection
 //! comes back (the server it reached may have lost the consumer), when a publish is not
-//! acknowledged, when its reader fell so far behind that the stream may have discarded
+//! acknowledged, and when its reader fell so far behind that the stream may have discarded
 //! frames it never read (`mles_nats_lagged_total`). A consumer that stops delivering while
 //! the subject has moved on (its node died) is found within [`STALL_CHECK`] plus a
 //! request, logged and counted (`mles_nats_consumer_lost_total`); the link does not start
 //! over for it: it reads on from where the consumer stopped with direct gets, which any
 //! replica of the stream answers (`mles_nats_direct_reads`, `/health` degraded
 //! meanwhile), while a new consumer is made from there; JetStream cannot place one until
-//! its meta leader answers, which after losing that node takes seconds. Starting over re-reads the subject from the start (frames already here are
-//! dropped by their key) and publishes, in order, every frame of the channel's local
-//! history that JetStream has not acknowledged.
+//! its meta leader answers, which after losing that node takes seconds. Starting over
+//! re-reads the subject from the start (frames already here are dropped by their key) and
+//! publishes, in order, every frame of the channel's local history that JetStream has not
+//! acknowledged.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -442,6 +442,49 @@ impl Ring {
         }
     }
 
+    /// Drops entries past `frames` or `bytes` from a ring without members. In a channel
+    /// the cluster's stream orders (`stream_ordered`), the entries kept are the last
+    /// `frames` in the stream's order, the order joiners are replayed: a server's own
+    /// frames from an outage were stored when they were sent but take their place in the
+    /// stream later, when they are published, so trimming in arrival order could drop them
+    /// while they still belong to the history every other server replays. With no member
+    /// there is no cursor to keep whole, so entries may go from the middle.
+    fn trim_history(&mut self, frames: usize, bytes: usize, stream_ordered: bool) {
+        if stream_ordered && self.entries.len() > frames {
+            let mut last = 0;
+            let mut keyed: Vec<(u64, u64)> = self
+                .entries
+                .iter()
+                .map(|e| {
+                    last = e.stream.unwrap_or(last);
+                    (last, e.seq)
+                })
+                .collect();
+            // Stable: among equal places, the earlier arrival goes first, as in replay.
+            keyed.sort_by_key(|(stream, _)| *stream);
+            let dropped: HashSet<u64> = keyed[..keyed.len() - frames]
+                .iter()
+                .map(|(_, seq)| *seq)
+                .collect();
+            let mut freed = 0;
+            let mut lost_live_to = self.lost_live_to;
+            self.entries.retain(|e| {
+                let keep = !dropped.contains(&e.seq);
+                if !keep {
+                    freed += e.frame.len();
+                    if e.live {
+                        lost_live_to = lost_live_to.max(e.seq + 1);
+                    }
+                }
+                keep
+            });
+            self.bytes -= freed;
+            self.lost_live_to = lost_live_to;
+            self.joins.retain(|(seq, _)| !dropped.contains(seq));
+        }
+        self.trim(frames, bytes);
+    }
+
     /// Charges (or gives back) the bookkeeping memory of the entries, in steps.
     fn settle_charge(&mut self) {
         let want = CHANNEL_COST + self.entries.len() * ENTRY_COST + self.seen.len() * SEEN_COST;
@@ -666,12 +709,12 @@ impl Channel {
         }
         ring.bytes += entry.frame.len();
         ring.entries.push_back(entry);
-        let frames = if ring.has_members() {
-            config.ring_frames()
+        if ring.has_members() {
+            ring.trim(config.ring_frames(), config.channel_bytes);
         } else {
-            config.history_limit
-        };
-        ring.trim(frames, config.channel_bytes);
+            let stream_ordered = self.stream_epoch() != 0;
+            ring.trim_history(config.history_limit, config.channel_bytes, stream_ordered);
+        }
         ring.settle_charge();
         ring.last_activity = Instant::now();
         self.head.store(ring.next_seq, Ordering::Release);
@@ -1731,7 +1774,8 @@ impl Drop for Member {
         if !ring.has_members() {
             // Without members the queue slack serves nobody: keep the history only.
             let config = &self.channel.hub.config;
-            ring.trim(config.history_limit, config.channel_bytes);
+            let stream_ordered = self.channel.stream_epoch() != 0;
+            ring.trim_history(config.history_limit, config.channel_bytes, stream_ordered);
             ring.settle_charge();
         }
         ring.last_activity = Instant::now();
@@ -1782,6 +1826,43 @@ mod tests {
                 _ => t,
             })
             .collect())
+    }
+
+    /// Issue 12 (found in the stream-leader failover test): a server's own frames from an
+    /// outage are stored when sent and learn their place in the cluster's stream later;
+    /// when the last member leaves, the history kept must be the last `--limit` in the
+    /// stream's order (what every server replays), not in arrival order.
+    #[test]
+    fn a_stream_ordered_channel_without_members_keeps_the_streams_last_frames() {
+        let hub = hub(3, 10, 1 << 20);
+        let a = client(&hub, "c", "a");
+        let channel = hub.channel("c").unwrap();
+        channel.attach_sequencer(7);
+        // The link is lost: a's frames are stored at once, with no place in the stream.
+        channel.detach_sequencer();
+        a.publish(text("own1")).unwrap();
+        a.publish(text("own2")).unwrap();
+        let own: Vec<MsgKey> = {
+            let ring = channel.lock();
+            let keys = ring.entries.iter().rev().take(2).map(|e| e.key.clone());
+            keys.rev().collect()
+        };
+        // The link comes back: other servers' frames first, then ours, published last.
+        let link = hub.join("c", "nats", MemberKind::Peer, None).unwrap();
+        for (i, name) in ["f10", "f11", "f12"].iter().enumerate() {
+            let key = MsgKey {
+                origin: Arc::from("other"),
+                seq: i as u64 + 1,
+            };
+            link.relay_from_stream(key, true, text(name), Some(10 + i as u64));
+        }
+        for (i, key) in own.into_iter().enumerate() {
+            link.relay_from_stream(key, true, text("echo"), Some(20 + i as u64));
+        }
+        drop(link);
+        drop(a);
+        let late = client(&hub, "c", "late");
+        assert_eq!(drain(&late).unwrap(), vec!["f12", "own1", "own2"]);
     }
 
     #[test]

@@ -36,9 +36,9 @@
 //! replica of the stream answers (`mles_nats_direct_reads`, `/health` degraded
 //! meanwhile), while a new consumer is made from there; JetStream cannot place one until
 //! its meta leader answers, which after losing that node takes seconds. Starting over
-//! re-reads the subject from the start (frames already here are dropped by their key) and
-//! publishes, in order, every frame of the channel's local history that JetStream has not
-//! acknowledged.
+//! re-reads the subject from the start (frames already here are dropped by their key),
+//! with direct gets too until its new consumer is made, and publishes, in order, every
+//! frame of the channel's local history that JetStream has not acknowledged.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,7 +58,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use log::{debug, info, warn};
+use log::{debug, info, log, warn, Level};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
@@ -342,12 +342,11 @@ impl NatsTransport {
         *self.stream.lock().await = None;
     }
 
-    /// Where `subject` ends now (0 when empty) and an ordered consumer of it from its start.
-    async fn subscribe(&self, subject: &str) -> Result<(stream::Stream, u64, Ordered), LinkError> {
+    /// The stream, and where `subject` ends in it now (0 when empty).
+    async fn subscribe(&self, subject: &str) -> Result<(stream::Stream, u64), LinkError> {
         let stream = self.stream().await?;
         let last = last_sequence(&stream, subject).await?;
-        let messages = consume(stream.clone(), subject.to_string(), DeliverPolicy::All).await?;
-        Ok((stream, last, messages))
+        Ok((stream, last))
     }
 }
 
@@ -404,8 +403,9 @@ struct DirectRead {
     rebuild: BoxFuture<'static, Result<Ordered, LinkError>>,
     /// Since when direct gets have been failing, if they are.
     failing_since: Option<Instant>,
-    /// Counts this link in `mles_nats_direct_reads` while it reads directly.
-    _counted: DirectReadCounted,
+    /// Counts this link in `mles_nats_direct_reads` while it reads directly for want of a
+    /// consumer (not while a new link's first consumer is simply on its way).
+    counted: Option<DirectReadCounted>,
 }
 
 impl DirectRead {
@@ -415,14 +415,14 @@ impl DirectRead {
         subject: &str,
         next: u64,
         from: DeliverPolicy,
-        counted: DirectReadCounted,
+        counted: Option<DirectReadCounted>,
     ) -> Self {
         DirectRead {
             next,
             fetch: direct_get(stream.clone(), subject.to_string(), next, Duration::ZERO),
             rebuild: Box::pin(consume(stream.clone(), subject.to_string(), from)),
             failing_since: None,
-            _counted: counted,
+            counted,
         }
     }
 }
@@ -499,7 +499,7 @@ impl Transport for NatsTransport {
         // Each step has its own request timeout; this bounds them together, so a link never
         // hangs half-open while its channel waits for it.
         let subscribed = tokio::time::timeout(SETUP_TIMEOUT, self.subscribe(&subject)).await;
-        let (stream, last, messages) = match subscribed {
+        let (stream, last) = match subscribed {
             Ok(Ok(subscribed)) => subscribed,
             Ok(Err(e)) => {
                 self.forget_stream().await;
@@ -516,14 +516,18 @@ impl Transport for NatsTransport {
         // The stream's creation time names its numbering: the same on every server, new if
         // the stream is ever made again.
         let epoch = (stream.cached_info().created.unix_timestamp_nanos() as u64).max(1);
+        // The link reads the subject directly from its start while its consumer is made:
+        // placing one needs JetStream's meta leader, which is elected anew for seconds
+        // when the node whose loss brought this link here was that.
+        let direct = DirectRead::new(&stream, &subject, 1, DeliverPolicy::All, None);
         Ok(Box::new(NatsConnection {
             epoch,
             js: self.js.clone(),
             stream,
             subject,
             state,
-            messages: Some(messages),
-            direct: None,
+            messages: None,
+            direct: Some(direct),
             last,
             delivered: 0,
             first: true,
@@ -665,7 +669,7 @@ impl NatsConnection {
         let from = DeliverPolicy::ByStartSequence {
             start_sequence: next,
         };
-        let counted = DirectReadCounted::new(&self.metrics.nats_direct_reads);
+        let counted = Some(DirectReadCounted::new(&self.metrics.nats_direct_reads));
         self.direct = Some(DirectRead::new(
             &self.stream,
             &self.subject,
@@ -903,7 +907,11 @@ impl LinkConnection for NatsConnection {
                     }
                 }
                 Woke::Rebuilt(Ok(messages)) => {
-                    info!(
+                    // Worth an operator's line only when the link was without one.
+                    let recovered = self.direct.as_ref().is_some_and(|d| d.counted.is_some());
+                    let level = if recovered { Level::Info } else { Level::Debug };
+                    log!(
+                        level,
                         "NATS link for channel {}: a new consumer delivers from stream sequence {}",
                         self.channel,
                         self.delivered + 1
@@ -916,6 +924,11 @@ impl LinkConnection for NatsConnection {
                 Woke::Rebuilt(Err(e)) => {
                     debug!("NATS link for channel {}: {e}", self.channel);
                     if let Some(direct) = self.direct.as_mut() {
+                        // No consumer for now: degraded until one is made.
+                        if direct.counted.is_none() {
+                            direct.counted =
+                                Some(DirectReadCounted::new(&self.metrics.nats_direct_reads));
+                        }
                         let (stream, subject) = (self.stream.clone(), self.subject.clone());
                         let from = DeliverPolicy::ByStartSequence {
                             start_sequence: self.delivered + 1,

@@ -143,6 +143,48 @@ async fn garbage_overlong_and_other_channel_tokens_get_recovered_false() {
     assert_eq!(back.recovered, Some(false));
 }
 
+/// Tokens are checksummed with a public hash, so anyone can forge one that parses: one
+/// naming a place the channel has not reached (which would have the client skip every
+/// frame up to it), or a numbering the channel never had. Both get recovered:false and
+/// the normal history, and live frames follow.
+#[tokio::test]
+async fn forged_tokens_for_a_future_place_or_another_epoch_get_recovered_false() {
+    use mles::protocol::Position;
+    let server = start().await;
+    publish(server.addr, "f", 0..2).await;
+    wait_for_frames(&server, "f", "m1").await;
+    let mut ws = connect(server.addr).await;
+    send_text(&mut ws, &resuming_join("r", "f", None)).await;
+    let real = receive(&mut ws, 2).await.last_mark.unwrap();
+    drop(ws);
+    let real = Position::from_token(&real, "f").expect("the server's own token parses");
+    let future = Position {
+        next: real.next + 1_000,
+        ..real
+    };
+    let other_epoch = Position {
+        epoch: real.epoch ^ 1,
+        ..real
+    };
+    let mut history = frames(0..2);
+    for (i, forged) in [future, other_epoch].iter().enumerate() {
+        let mut ws = connect(server.addr).await;
+        let token = forged.token("f");
+        send_text(&mut ws, &resuming_join(&format!("r{i}"), "f", Some(&token))).await;
+        let back = receive(&mut ws, history.len()).await;
+        assert_eq!(back.recovered, Some(false), "forged token {i}");
+        assert_eq!(back.data, history, "forged token {i}: the normal history");
+        publish(server.addr, "f", 10 + i..11 + i).await;
+        let live = receive(&mut ws, 1).await;
+        assert_eq!(
+            live.data,
+            frames(10 + i..11 + i),
+            "forged token {i}: live frames"
+        );
+        history.extend(live.data);
+    }
+}
+
 #[tokio::test]
 async fn resume_works_across_a_graceful_restart_with_a_cache() {
     let cache = tempfile::tempdir().unwrap();

@@ -451,20 +451,10 @@ impl Ring {
     /// there is no cursor to keep whole, so entries may go from the middle.
     fn trim_history(&mut self, frames: usize, bytes: usize, stream_ordered: bool) {
         if stream_ordered && self.entries.len() > frames {
-            let mut last = 0;
-            let mut keyed: Vec<(u64, u64)> = self
-                .entries
+            let sorted = by_stream_place(self.entries.iter());
+            let dropped: HashSet<u64> = sorted[..sorted.len() - frames]
                 .iter()
-                .map(|e| {
-                    last = e.stream.unwrap_or(last);
-                    (last, e.seq)
-                })
-                .collect();
-            // Stable: among equal places, the earlier arrival goes first, as in replay.
-            keyed.sort_by_key(|(stream, _)| *stream);
-            let dropped: HashSet<u64> = keyed[..keyed.len() - frames]
-                .iter()
-                .map(|(_, seq)| *seq)
+                .map(|e| e.seq)
                 .collect();
             let mut freed = 0;
             let mut lost_live_to = self.lost_live_to;
@@ -1393,15 +1383,12 @@ struct Progress {
     blocked: AtomicBool,
 }
 
-/// The last `keep` of `entries` (oldest first) in the order of the cluster's stream: by
-/// stream sequence, an entry without one (a local join frame, or a frame stored while the
-/// stream was out of reach and not yet back from it) staying right after the entry it
-/// followed here. After a failover the order frames arrived here in can differ from the
-/// stream's; sorting by it gives joiners the same history on every server.
-fn in_stream_order<'a>(
-    entries: impl Iterator<Item = &'a Entry>,
-    keep: usize,
-) -> VecDeque<(Frame, Option<u64>)> {
+/// `entries` (oldest first) in the order of the cluster's stream: by stream sequence, an
+/// entry without one (a local join frame, or a frame stored while the stream was out of
+/// reach and not yet back from it) staying right after the entry it followed here. After
+/// a failover the order frames arrived here in can differ from the stream's; sorting by it
+/// gives joiners the same history on every server.
+fn by_stream_place<'a>(entries: impl Iterator<Item = &'a Entry>) -> Vec<&'a Entry> {
     let mut last = 0;
     let mut keyed: Vec<(u64, &Entry)> = entries
         .map(|e| {
@@ -1411,11 +1398,21 @@ fn in_stream_order<'a>(
         .collect();
     // Stable, and linear when the entries are in order already (the usual case).
     keyed.sort_by_key(|(stream, _)| *stream);
-    let skip = keyed.len().saturating_sub(keep);
-    keyed
+    keyed.into_iter().map(|(_, e)| e).collect()
+}
+
+/// The last `keep` of `entries` (oldest first) in the order of the cluster's stream (see
+/// [`by_stream_place`]), to replay.
+fn in_stream_order<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    keep: usize,
+) -> VecDeque<(Frame, Option<u64>)> {
+    let sorted = by_stream_place(entries);
+    let skip = sorted.len().saturating_sub(keep);
+    sorted
         .into_iter()
         .skip(skip)
-        .map(|(_, e)| (e.frame.clone(), e.stream))
+        .map(|e| (e.frame.clone(), e.stream))
         .collect()
 }
 

@@ -1179,23 +1179,20 @@ async fn failover(victim_kind: Victim) {
         }
         // A link reading the stream directly stays degraded until JetStream places its new
         // consumer, which waits for a new meta leader when the kill took the old one.
-        let mut health = server.health().await;
-        while health.as_deref() != Some("200 OK") && killed_at.elapsed() < FAILOVER_BOUND {
-            tokio::time::sleep(STEP).await;
-            health = server.health().await;
-        }
-        if health.as_deref() == Some("200 OK") {
-            println!(
-                "mles {}: /health OK {:.2?} after the kill",
-                server.id,
-                killed_at.elapsed()
-            );
-        } else {
-            failures.push(format!(
-                "mles {}: /health {health:?} {FAILOVER_BOUND:?} after the kill",
+        wait_until(
+            &format!(
+                "mles {}: /health OK within {FAILOVER_BOUND:?} of the kill",
                 server.id
-            ));
-        }
+            ),
+            FAILOVER_BOUND.saturating_sub(killed_at.elapsed()),
+            async || server.health().await.as_deref() == Some("200 OK"),
+        )
+        .await;
+        println!(
+            "mles {}: /health OK {:.2?} after the kill",
+            server.id,
+            killed_at.elapsed()
+        );
         if affected.contains(&s) {
             let counted = [
                 "mles_nats_consumer_lost_total",
